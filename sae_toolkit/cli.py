@@ -1,0 +1,182 @@
+"""Command-line front end: parse arguments, call one library function, print where the output went.
+
+The commands and flags are the contract of DESIGN.md §2; the work happens in the library modules,
+imported lazily so that `sae-toolkit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sae_toolkit import __version__
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.units import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SAEToolkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from sae_toolkit.cache import CacheConfig, cache_activations
+
+    cfg = CacheConfig(
+        model=args.model,
+        hookpoints=args.hookpoint,
+        dataset=args.dataset,
+        split=args.split,
+        text_column=args.text_column,
+        tokens=args.tokens,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        out=args.out,
+        resume=args.resume,
+    )
+    path = cache_activations(cfg)
+    print(f"wrote activations to {path}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from sae_toolkit.info import describe
+
+    print(describe(args.file))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from sae_toolkit.train import TrainConfig, train_sae
+
+    cfg = TrainConfig(
+        acts=args.acts,
+        hookpoint=args.hookpoint,
+        arch=args.arch,
+        expansion=args.expansion,
+        n_features=args.n_features,
+        k=args.k,
+        l1_coefficient=args.l1_coefficient,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        tokens=args.tokens,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+        resume=args.resume,
+    )
+    run_dir = train_sae(cfg)
+    print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from sae_toolkit.report import build_report
+
+    out = build_report(
+        args.path,
+        acts=args.acts,
+        out=args.out,
+        model=args.model,
+        tokens=args.tokens,
+        top_k=args.top_k,
+        device=args.device,
+    )
+    print(f"wrote report to {out} (open {out / 'report.html'})")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from sae_toolkit.sae import export_saelens
+
+    out = export_saelens(args.sae_dir, args.out)
+    print(f"wrote {args.format} SAE to {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from sae_toolkit.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sae-toolkit", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"sae-toolkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("cache", help="run a model over a corpus and store hooked activations in HDF5")
+    c.add_argument("--model", required=True, help="hub id, local dir, .gguf file or builtin (smollm2-135m)")
+    c.add_argument("--hookpoint", required=True, action="append", help="module path[:input] or alias; repeatable")
+    c.add_argument("--dataset", required=True, help="HF dataset id, local .txt/.jsonl/.parquet/.csv, builtin:pydoc")
+    c.add_argument("--split", default="train")
+    c.add_argument("--text-column", default=None, help="column holding the text (default: guessed)")
+    c.add_argument("--tokens", required=True, type=_size, help="tokens to cache, e.g. 20k, 1M")
+    c.add_argument("--context-size", type=int, default=128)
+    c.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", required=True, help="output .h5 file")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted file")
+    c.set_defaults(func=_cmd_cache)
+
+    i = sub.add_parser("info", help="describe an activation file")
+    i.add_argument("file")
+    i.set_defaults(func=_cmd_info)
+
+    t = sub.add_parser("train", help="train an SAE on cached activations")
+    t.add_argument("acts", help="activation .h5 file")
+    t.add_argument("--hookpoint", required=True)
+    t.add_argument("--arch", required=True, choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--expansion", type=int, default=8, help="d_sae = expansion * d_in")
+    g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")
+    t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    t.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
+    t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")
+    t.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    t.add_argument("--tokens", type=_size, default=None, help="training tokens (default: one pass over the file)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    t.set_defaults(func=_cmd_train)
+
+    a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
+    a.add_argument("path", help="training RUN_DIR or SAE directory")
+    a.add_argument("--acts", required=True, help="activation .h5 file to evaluate on")
+    a.add_argument("--model", default=None, help="model SPEC for CE/KL metrics and the logit lens")
+    a.add_argument("--tokens", type=_size, default=None, help="tokens to evaluate (default: the whole file)")
+    a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, help="report directory")
+    a.set_defaults(func=_cmd_analyze)
+
+    e = sub.add_parser("export", help="convert an SAE directory for another tool")
+    e.add_argument("sae_dir")
+    e.add_argument("--format", required=True, choices=["saelens"])
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--quick", action="store_true", help="seconds-long version used by the tests")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SAEToolkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
