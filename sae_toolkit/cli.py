@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import sae_toolkit
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.units import parse_size
@@ -100,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-toolkit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sae-toolkit", description=sae_toolkit.__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sae-toolkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

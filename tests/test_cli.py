@@ -1,0 +1,56 @@
+"""The CLI front: sizes, help, and one-line errors instead of tracebacks."""
+
+import pytest
+
+from sae_toolkit.cli import build_parser, main
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.units import parse_size, resolve_device
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("64k", 64_000), ("200K", 200_000), ("1M", 1_000_000), ("10m", 10_000_000), ("1B", 10**9), ("1.5k", 1500),
+     ("123", 123)],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "k", "12q", "-5", "0", "1.2345k"])
+def test_parse_size_rejects(text):
+    with pytest.raises(SAEToolkitError, match="size"):
+        parse_size(text)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in {"cpu", "cuda"}
+    with pytest.raises(SAEToolkitError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")
+
+
+def test_every_contract_command_exists():
+    parser = build_parser()
+    for argv in (["cache", "--model", "m", "--hookpoint", "h", "--dataset", "d", "--tokens", "2k", "--out", "o.h5"],
+                 ["info", "f.h5"], ["train", "f.h5", "--hookpoint", "h", "--arch", "topk", "--out", "r"],
+                 ["analyze", "r", "--acts", "f.h5", "--out", "rep"],
+                 ["export", "s", "--format", "saelens", "--out", "o"],
+                 ["demo"]):
+        args = parser.parse_args(argv)
+        assert args.command == argv[0]
+    assert parser.parse_args(["cache", "--model", "m", "--hookpoint", "h", "--dataset", "d",
+                                         "--tokens", "20k", "--out", "o.h5"]).tokens == 20_000
+
+
+def test_bad_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "--model", "m", "--hookpoint", "h", "--dataset", "d", "--tokens", "lots", "--out", "o.h5"])
+    assert exc.value.code == 2
+    assert "cannot read size 'lots'" in capsys.readouterr().err
+
+
+def test_library_error_is_one_line(capsys, tmp_path):
+    missing = tmp_path / "nope.h5"
+    assert main(["info", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "nope.h5" in err
