@@ -1,0 +1,146 @@
+"""Sequence-aligned reads of one hookpoint of an activation file (DESIGN §3): whole context windows with their
+tokens, the special positions to exclude, and token strings for display."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_toolkit.errors import SAEToolkitError
+
+
+class ActsReader:
+    """Sequence-aligned reads of one hookpoint of an activation file (DESIGN §3), with its tokens and metadata."""
+
+    def __init__(self, path: str | Path, hookpoint: str | None = None, *, d_in: int | None = None,
+                 seq_range: tuple[int, int] | None = None, tokens: int | None = None,
+                 tokenizer: object | None = "auto", exclude_special: bool = True) -> None:
+        """path: the .h5 file. hookpoint: name under acts/ (None: the only one, or the only one of width d_in).
+        seq_range: (start, stop) sequences to read (default all); tokens: read at most this many tokens (whole
+        windows, rounded up). tokenizer: an HF tokenizer, None (show ids), or "auto" (load the file's `tokenizer`
+        attr; ids when that fails). exclude_special: special tokens are never top-activation peaks."""
+        import h5py
+
+        from sae_toolkit.store import FORMAT
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SAEToolkitError(f"activation file {str(self.path)!r} does not exist; create it with "
+                                  "`sae-toolkit cache`")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise SAEToolkitError(f"{str(self.path)!r} is not a readable HDF5 file ({e})") from None
+        f = self.file
+        fmt = _attr(f, "format")
+        if fmt != FORMAT or "acts" not in f or "tokens" not in f:
+            self.file.close()
+            raise SAEToolkitError(f"{str(self.path)!r} is not a sae_toolkit activation file (format={fmt!r}); "
+                                  "write it with `sae-toolkit cache`")
+        names = sorted(f["acts"].keys())
+        if hookpoint is None or hookpoint not in f["acts"]:
+            fits = [n for n in names if d_in is None or f["acts"][n].shape[1] == d_in]
+            if hookpoint is not None or len(fits) != 1:
+                self.file.close()
+                raise SAEToolkitError(f"hookpoint {hookpoint!r} is not in {str(self.path)!r}, which holds "
+                                      f"{', '.join(names) or 'nothing'}; pass one of those")
+            hookpoint = fits[0]
+        self.hookpoint = hookpoint
+        self.dset = f["acts"][hookpoint]
+        self.dtype = str(self.dset.attrs.get("dtype", self.dset.dtype.name))
+        self.d = int(self.dset.shape[1])
+        self.ctx = int(f.attrs["context_size"])
+        self.n_seqs = int(f.attrs["n_seqs"])
+        self.model = _attr(f, "model")
+        self.dataset = _attr(f, "dataset")
+        bos = f.attrs.get("bos_token_id")
+        self.bos_token_id = None if bos is None or int(bos) < 0 else int(bos)
+        start, stop = (0, self.n_seqs) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
+        if not 0 <= start < stop <= self.n_seqs:
+            self.file.close()
+            raise SAEToolkitError(f"seq_range={seq_range} is not within the file's {self.n_seqs} complete "
+                                  f"sequences; pass 0 <= start < stop <= {self.n_seqs}")
+        if tokens is not None:
+            stop = min(stop, start + max(1, math.ceil(tokens / self.ctx)))
+        self.seq_range = (start, stop)
+        self.tokenizer = _load_tokenizer(_attr(f, "tokenizer") or self.model) if tokenizer == "auto" else tokenizer
+        special = {self.bos_token_id} if self.bos_token_id is not None else set()
+        if exclude_special and self.tokenizer is not None:
+            special |= set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        self.special_ids = torch.tensor(sorted(special), dtype=torch.int64)
+        self._strings: dict[int, str] = {}
+
+    def chunks(self, seqs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(seq_ids [s], tokens [s, seq] int64, acts [s*seq, d] float32) for whole windows of the range."""
+        from sae_toolkit.store import _to_float32
+
+        start, stop = self.seq_range
+        for s0 in range(start, stop, seqs_per_chunk):
+            s1 = min(stop, s0 + seqs_per_chunk)
+            toks = torch.from_numpy(self.file["tokens"][s0:s1].astype(np.int64))
+            acts = torch.from_numpy(_to_float32(self.dset[s0 * self.ctx:s1 * self.ctx], self.dtype))
+            yield torch.arange(s0, s1), toks, acts
+
+    def tokens(self, seqs: list[int] | None = None) -> torch.Tensor:
+        """Token ids [len(seqs), seq] int64 of the given sequences (default: the range)."""
+        if seqs is None:
+            return torch.from_numpy(self.file["tokens"][slice(*self.seq_range)].astype(np.int64))
+        order = sorted(set(seqs))
+        rows = self.file["tokens"][order] if order else np.zeros((0, self.ctx), np.int32)
+        where = {s: i for i, s in enumerate(order)}
+        return torch.from_numpy(rows[[where[s] for s in seqs]].astype(np.int64))
+
+    def decode(self, token_id: int) -> str:
+        """One token as text (cached); `<id>` when no tokenizer could be loaded."""
+        s = self._strings.get(token_id)
+        if s is None:
+            if self.tokenizer is None:
+                s = f"<{token_id}>"
+            else:
+                s = self.tokenizer.decode([token_id])
+            self._strings[token_id] = s
+        return s
+
+    def preload(self, seqs: list[int]) -> None:
+        """Cache the tokens of these sequences for `tokens_of` (one sorted read instead of one per example)."""
+        uniq = sorted(set(seqs))
+        self._toks = dict(zip(uniq, self.tokens(uniq).tolist()))
+
+    def tokens_of(self, seq: int, start: int, stop: int) -> list[str]:
+        """Token strings of positions start..stop-1 of sequence seq."""
+        row = self._toks[seq] if seq in getattr(self, "_toks", {}) else self.tokens([seq])[0].tolist()
+        return [self.decode(t) for t in row[start:stop]]
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> ActsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _attr(f, name: str) -> str:
+    v = f.attrs.get(name, "")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _load_tokenizer(spec: str):
+    """The tokenizer of a model SPEC, or None (token ids are then shown as `<id>`)."""
+    if not spec:
+        return None
+    try:
+        from sae_toolkit.models import load_tokenizer
+
+        return load_tokenizer(spec)
+    except Exception as e:  # any failure only costs readable token strings, so say so and go on
+        import warnings
+
+        warnings.warn(f"could not load tokenizer {spec!r} ({type(e).__name__}: {e}); showing token ids",
+                      stacklevel=3)
+        return None

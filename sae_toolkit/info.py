@@ -1,0 +1,73 @@
+"""`sae-toolkit info FILE.h5`: a readable summary of an activation file (DESIGN §3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_toolkit.errors import SAEToolkitError
+
+
+def describe(path: str) -> str:
+    """Model, dataset, context size, hookpoints (module, io, d, dtype), tokens, completeness and file size.
+
+    Anything that is not a toolkit activation file gives a one-line SAEToolkitError.
+    """
+    import h5py
+
+    from sae_toolkit.cache import read_root_attrs
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SAEToolkitError(f"{path} does not exist; give an .h5 file written by `sae-toolkit cache`")
+    attrs = read_root_attrs(file)
+    ctx, n_seqs = int(attrs["context_size"]), int(attrs["n_seqs"])
+    target = int(attrs.get("n_seqs_target", n_seqs))
+    config = json.loads(attrs.get("config", "{}"))
+    lines = [
+        f"file:         {file} ({_size(file.stat().st_size)})",
+        f"format:       {attrs['format']} v{attrs['format_version']}, written {attrs.get('created', '?')} "
+        f"by sae-toolkit {attrs.get('toolkit_version', '?')}",
+        f"model:        {attrs['model']}",
+        f"dataset:      {attrs['dataset']} (split {config.get('split', '?')}, "
+        f"text column {config.get('text_column') or 'guessed'})",
+        f"context size: {ctx} tokens per sequence, BOS id {attrs.get('bos_token_id', '?')}",
+        f"stored:       {n_seqs} sequences = {n_seqs * ctx:,} tokens",
+        f"status:       {_status(attrs, n_seqs, target, ctx, config.get('tokens'))}",
+        "hookpoints:",
+    ]
+    try:
+        with h5py.File(file, "r") as f:
+            acts = f.get("acts")
+            if acts is None or "tokens" not in f:
+                raise SAEToolkitError(f"{path} lacks the tokens or acts/ datasets; it is not a complete cache file")
+            for name, dset in acts.items():
+                a = dset.attrs
+                extra = dset.shape[0] - n_seqs * ctx
+                note = f", {extra:,} rows past n_seqs are not data" if extra > 0 else ""
+                lines.append(
+                    f"  {name:<28} module {a.get('module', '?')} ({a.get('io', '?')}), d={a.get('d', dset.shape[1])}, "
+                    f"{a.get('dtype', dset.dtype.name)}{note}"
+                )
+    except OSError as e:
+        raise SAEToolkitError(f"cannot read {path}: {e}") from None
+    return "\n".join(lines)
+
+
+def _status(attrs: dict, n_seqs: int, target: int, ctx: int, asked: int | None) -> str:
+    if attrs.get("corpus_exhausted"):
+        return f"complete (the corpus ran out after {n_seqs * ctx:,} tokens, before the {asked or '?':,} asked)"
+    if n_seqs >= target:
+        return "complete"
+    return (
+        f"INCOMPLETE: {n_seqs} of {target} sequences ({100 * n_seqs / max(target, 1):.0f}%); "
+        "continue it with `sae-toolkit cache ... --resume` and the same settings"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes} B"

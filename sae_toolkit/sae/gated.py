@@ -1,0 +1,62 @@
+"""Gated SAEs (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse Autoencoders")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
+
+
+class GatedSAE(SAE):
+    """f = 1[π_gate > 0] ⊙ ReLU(π_mag),  x̂ = W_decᵀ f + b_dec, with x̃ = x − b_dec and
+    π_gate = W_encᵀx̃ + b_enc  (W_enc is the paper's W_gate, b_enc its b_gate),
+    π_mag  = exp(r_mag) ⊙ (W_encᵀx̃) + b_mag  (magnitude weights tied to the gate's, rescaled per latent).
+
+    Loss  ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², the last term decoding with a detached
+    copy of W_dec and b_dec so only the gate path learns from it. Saved extras: r_mag [d_sae], b_mag [d_sae].
+    """
+
+    archs = ("gated",)
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None) -> None:
+        super().__init__(cfg, device=device)
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=self.W_enc.dtype))
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=self.W_enc.dtype))
+
+    def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[..., d_in] → (π_gate, π_mag), each [..., d_sae]."""
+        h = self._sae_in(x) @ self.W_enc
+        return h + self.b_enc, h * self.r_mag.exp() + self.b_mag
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., d_sae]: ReLU(π_mag) where the gate is open, else 0."""
+        gate, mag = self._paths(x)
+        return (gate > 0) * mag.relu()
+
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+        """Loss of one batch x [batch, d_in]; parts {"mse", "l1", "aux"}; λ·sparsity_scale on the L1. dead_mask
+        unused. MSE (and aux) = mean over the batch of ‖·‖² summed over d_in."""
+        if x.ndim != 2:
+            raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        gate, mag = self._paths(x)  # [batch, d_sae] each
+        f = (gate > 0) * mag.relu()
+        x_hat = self.decode(f)
+        gate_acts = gate.relu()
+        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        parts = {
+            "mse": self._mse(x, x_hat),
+            "l1": self.cfg.l1_coefficient * sparsity_scale * self._row_sum(gate_acts).mean(),
+            "aux": self._mse(x, x_hat_frozen),
+        }
+        active = f.detach() > 0
+        return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    def _fold_extra_(self, scale: float) -> None:
+        self.b_mag.div_(scale)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """W_enc (= W_gate), b_enc (= b_gate), W_dec, b_dec, r_mag, b_mag."""
+        return {**super().state_tensors(), "r_mag": self.r_mag, "b_mag": self.b_mag}

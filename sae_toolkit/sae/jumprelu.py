@@ -1,0 +1,107 @@
+"""JumpReLU SAEs (Rajamanoharan et al. 2024, "Jumping Ahead"): per-latent thresholds trained with straight-through
+estimators and an L0 penalty."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Function
+
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1[|u| < 1/2]."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(Function):
+    """z·H(z − θ); ∂/∂z = H(z − θ), pseudo-derivative ∂/∂θ = −(θ/ε)·K((z − θ)/ε) (paper eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        grad_z = g * (z > theta)
+        grad_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
+        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class _Step(Function):
+    """H(z − θ); no gradient to z, pseudo-derivative ∂/∂θ = −(1/ε)·K((z − θ)/ε) (paper eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        grad_theta = -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
+        return None, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class JumpReLUSAE(SAE):
+    """f = JumpReLU_θ(W_encᵀx + b_enc) = π·1[π > θ] (θ > 0 per latent),  x̂ = W_decᵀ f + b_dec.
+
+    Loss  ‖x − x̂‖² + λ‖f‖₀ ; the L0 and θ get gradients through straight-through estimators with a rectangle
+    kernel of bandwidth ε (cfg.jumprelu_bandwidth). θ is trained as log θ (kept positive) and saved both as
+    `threshold` (what other tools read) and `log_threshold` (so a reload is bit-exact). x is not centred by b_dec
+    unless cfg.apply_b_dec_to_input.
+    """
+
+    archs = ("jumprelu",)
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None) -> None:
+        super().__init__(cfg, device=device)
+        log_t = torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold), device=device)
+        self.log_threshold = nn.Parameter(log_t.to(self.W_enc.dtype))
+
+    @property
+    def threshold(self) -> Tensor:
+        """[d_sae] per-latent thresholds θ = exp(log_threshold)."""
+        return self.log_threshold.exp()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., d_sae]: pre-activations where they exceed the latent's threshold, else 0."""
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold)
+
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+        """Loss of one batch x [batch, d_in]; parts {"mse", "l0"} (λ·sparsity_scale·mean L0). dead_mask unused.
+        MSE = mean over the batch of ‖x − x̂‖² summed over d_in."""
+        if x.ndim != 2:
+            raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        pre = self.pre_acts(x)  # [batch, d_sae]
+        theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
+        f = _JumpReLU.apply(pre, theta, eps)
+        x_hat = self.decode(f)
+        l0 = self._row_sum(_Step.apply(pre, theta, eps)).mean()
+        parts = {"mse": self._mse(x, x_hat), "l0": self.cfg.l1_coefficient * sparsity_scale * l0}
+        active = f.detach() > 0
+        return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    def _fold_extra_(self, scale: float) -> None:
+        self.log_threshold.sub_(math.log(scale))
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec, threshold [d_sae] and log_threshold [d_sae]."""
+        return {**super().state_tensors(), "threshold": self.threshold.detach(), "log_threshold": self.log_threshold}
+
+    def load_state_tensors_(self, tensors: dict[str, Tensor]) -> None:
+        if "log_threshold" not in tensors and "threshold" in tensors:
+            # a file written by another tool: only θ is known
+            tensors = {**tensors, "log_threshold": tensors["threshold"].float().clamp_min(1e-30).log()}
+        tensors = {**tensors, "threshold": self.threshold.detach()}  # derived, not loaded
+        super().load_state_tensors_(tensors)

@@ -1,0 +1,145 @@
+"""TopK SAEs (Gao et al. 2024, with AuxK and Multi-TopK) and BatchTopK SAEs (Bussmann et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
+from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+
+
+class TopKSAE(SAE):
+    """f = ReLU(TopK_k(W_encᵀ(x − b_dec) + b_enc)),  x̂ = W_decᵀ f + b_dec  (Gao et al. 2024).
+
+    Loss  ‖x − x̂‖² + α‖e − ê‖²  with the AuxK term: e = stopgrad(x − x̂), ê = W_decᵀ z_aux (no bias), z_aux the
+    top k_aux pre-activations among dead latents (ReLU'd), α = aux_coefficient (1/32). Multi-TopK adds ‖x − x̂₄ₖ‖²/8.
+    Training runs on the sparse kernels: decode and every backward cost batch·k·d_in, not batch·d_sae·d_in.
+    """
+
+    archs = ("topk",)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., d_sae]: the k largest pre-activations per token, ReLU'd; the rest 0."""
+        pre = self.pre_acts(x)
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def _select(self, pre: Tensor) -> SparseActs:
+        """[batch, d_sae] detached pre-activations → the (token, latent) entries the training forward keeps."""
+        return topk_code(pre, 4 * self.cfg.k if self.cfg.multi_topk else self.cfg.k)
+
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+        """Loss of one batch x [batch, d_in]; parts {"mse", "auxk"} (+ "mse_4k" with Multi-TopK).
+
+        dead_mask [d_sae] bool selects the latents AuxK may use; None or all-False gives auxk = 0.
+        sparsity_scale is ignored (k fixes the sparsity). MSE = mean over the batch of ‖x − x̂‖² summed over d_in.
+        """
+        if x.ndim != 2:
+            raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        with torch.no_grad():
+            sae_in = self._sae_in(x)  # [batch, d_in]; b_dec's gradient comes from the kernel, see below
+            pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae], only to choose entries
+        code = self._select(pre)
+        z = self._sparse_pre_acts(code, sae_in).relu()  # [nnz]
+        main = code._replace(vals=z)
+        parts: dict[str, Tensor] = {}
+        if self.cfg.multi_topk:
+            # topk_code sorts each row descending, so the first k of the 4k entries are the top k
+            k, b = self.cfg.k, x.shape[0]
+            keep = lambda t: t.view(b, 4 * k)[:, :k].reshape(-1)
+            main = SparseActs(keep(z), keep(code.rows), keep(code.cols), b, k)
+            x_hat_4k = sparse_decode(code._replace(vals=z), self.W_dec) + self.b_dec
+            parts["mse_4k"] = self._mse(x, x_hat_4k) / 8
+        x_hat = sparse_decode(main, self.W_dec) + self.b_dec  # [batch, d_in]
+        parts["mse"] = self._mse(x, x_hat)
+        parts["auxk"] = self._auxk_loss(x, x_hat, sae_in, pre, dead_mask)
+        self._after_batch(main)
+        active = (main.vals.detach() > 0).float()  # [nnz]
+        # scatter-max instead of boolean indexing: no host sync on GPU
+        fired = active.new_zeros(self.cfg.d_sae).scatter_reduce_(0, main.cols, active, "amax") > 0
+        l0 = active.sum() / x.shape[0]
+        return TrainOutput(sum(parts.values()), x_hat, fired, l0, parts)
+
+    def _auxk_loss(self, x: Tensor, x_hat: Tensor, sae_in: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """α·mean_b ‖e − ê‖², e = stopgrad(x − x̂), ê decoded (no bias) from the top k_aux dead pre-activations.
+
+        The dead latents' values come through the sparse encoder kernel, so the gradient reaches their encoder
+        columns W_enc[:, i] and b_enc[i] as well as their decoder rows.
+        """
+        zero = x_hat.new_zeros(())
+        if dead_mask is None or self.cfg.aux_coefficient == 0:
+            return zero
+        if dead_mask.shape != (self.cfg.d_sae,):
+            raise SAEToolkitError(f"dead_mask has shape {tuple(dead_mask.shape)}, expected ({self.cfg.d_sae},)")
+        dead = dead_mask.to(pre.device).nonzero().squeeze(1)  # [n_dead]
+        if dead.numel() == 0:
+            return zero
+        aux = topk_code(pre[:, dead], min(self.cfg.k_aux, dead.numel()))
+        aux = aux._replace(cols=dead[aux.cols])  # local → global latent ids
+        z_aux = self._sparse_pre_acts(aux, sae_in).relu()
+        e_hat = sparse_decode(aux._replace(vals=z_aux), self.W_dec)  # [batch, d_in]
+        e = (x - x_hat).detach()
+        return self.cfg.aux_coefficient * self._mse(e, e_hat)
+
+    def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor) -> Tensor:
+        """[nnz] pre-activations at code's entries with the sparse backward (b_dec's gradient as one matvec)."""
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return sparse_pre_acts(code, sae_in, self.W_enc, self.b_enc, b_dec)
+
+    def _after_batch(self, main: SparseActs) -> None:
+        """Hook for per-batch state updates (BatchTopK's threshold)."""
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024): training keeps the k·batch largest pre-activations of the whole batch
+    (ReLU'd), so tokens get a variable number of latents averaging k. Inference applies one threshold θ,
+    f = ReLU(π)·1[π > θ], θ an EMA (cfg.batchtopk_threshold_decay) of the smallest kept positive activation per
+    training batch. Same AuxK loss as TopK.
+    """
+
+    archs = ("batchtopk",)
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None) -> None:
+        super().__init__(cfg, device=device)
+        # < 0 means "not estimated yet": encode then falls back to per-token TopK.
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=self.W_enc.dtype))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., d_sae]. Eval mode: ReLU(π)·1[π > θ] per token. Train mode: BatchTopK over all
+        tokens given. Eval before any training batch (θ unset): per-token TopK."""
+        pre = self.pre_acts(x)
+        if self.training:
+            flat = pre.reshape(-1, self.cfg.d_sae)
+            code = batch_topk_code(flat.detach(), self.cfg.k)
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[code.rows, code.cols] = True
+            return (flat.relu() * mask).reshape(pre.shape)
+        if self.threshold < 0:
+            return super().encode(x)
+        return pre.relu() * (pre > self.threshold)
+
+    def _select(self, pre: Tensor) -> SparseActs:
+        return batch_topk_code(pre, self.cfg.k)
+
+    @torch.no_grad()
+    def _after_batch(self, main: SparseActs) -> None:
+        if not self.training:
+            return
+        # all tensor ops (no host sync on GPU): a batch without positive activations leaves θ as it is
+        vals = main.vals.detach().to(self.threshold.dtype)
+        m = torch.where(vals > 0, vals, torch.inf).min()
+        ema = torch.lerp(self.threshold, m, 1 - self.cfg.batchtopk_threshold_decay)
+        new = torch.where(self.threshold < 0, m, ema)
+        self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
+
+    def _fold_extra_(self, scale: float) -> None:
+        if self.threshold >= 0:
+            self.threshold.div_(scale)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec and the scalar inference `threshold` (−1: not estimated yet)."""
+        return {**super().state_tensors(), "threshold": self.threshold}

@@ -1,0 +1,58 @@
+"""Training schedules as pure functions of the step: learning-rate warm-up and decay, sparsity-coefficient warm-up.
+
+Pure functions (no scheduler objects with state) make resuming trivial: the step number is the whole state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from sae_toolkit.errors import SAEToolkitError
+
+Decay = Literal["linear", "cosine", "none"]
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, *, warmup_steps: int = 0, decay: Decay = "linear",
+          decay_fraction: float = 0.2) -> float:
+    """Learning rate for the update taken at `step` (0-based) of `total_steps`.
+
+    Linear warm-up from base_lr/warmup_steps to base_lr over the first `warmup_steps` updates, then constant,
+    then over the last `decay_fraction` of training a decay towards 0 (linear, as in Anthropic's April 2024
+    update, or cosine). The last update still has a small positive rate.
+
+    >>> [round(lr_at(s, 10, 1.0, warmup_steps=2, decay_fraction=0.5), 2) for s in range(10)]
+    [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    """
+    lr = base_lr
+    if warmup_steps > 0 and step < warmup_steps:
+        lr *= (step + 1) / warmup_steps
+    decay_steps = int(round(decay_fraction * total_steps))
+    left = total_steps - step  # updates left including this one
+    if decay != "none" and decay_steps > 0 and left <= decay_steps:
+        if decay == "linear":
+            lr *= left / decay_steps
+        elif decay == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * (decay_steps - left + 1) / (decay_steps + 1)))
+        else:
+            raise SAEToolkitError(f"lr decay {decay!r} is unknown; choose linear, cosine or none")
+    return lr
+
+
+def sparsity_scale_at(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Factor in (0, 1] on the sparsity coefficient λ at `step`: a linear ramp over the first `warmup_fraction`
+    of training (Anthropic April 2024 warm λ up over the first 5%, so early features are not killed before
+    they form).
+
+    >>> [sparsity_scale_at(s, 10, 0.4) for s in range(5)]
+    [0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+    warmup_steps = int(round(warmup_fraction * total_steps))
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 · sqrt(2^14 / d_sae): the scaling law of Gao et al. 2024 for Adam on TopK SAEs."""
+    return 2e-4 * math.sqrt(2**14 / d_sae)

@@ -1,0 +1,396 @@
+"""ActivationStore: shuffled, normalized batches of one hookpoint's activations, streamed from an HDF5 file.
+
+The file is the format of DESIGN.md §3 (any writer, not only our cacher). Batches are a pure function of
+`(seed, rows_done)`, so `state_dict()` is one integer and a resumed run sees exactly the batches it would have.
+
+    >>> store = ActivationStore("acts.h5", "mlp_out.6", batch_size=4096, device="cuda")  # doctest: +SKIP
+    >>> x = store.next_batch()  # [batch, d_in] float32 on the device, BOS positions excluded
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sae_toolkit.errors import SAEToolkitError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sae_toolkit.activations"
+FORMAT_VERSION = 1
+_BLOCK_BYTES = 4 << 20
+"""Target stored bytes per block: a few MiB makes one contiguous HDF5 read cheap relative to its fixed cost."""
+_AUTO_IN_MEMORY_BYTES = 2 << 30
+"""`in_memory="auto"` loads the usable rows when they take at most this many bytes as float32."""
+
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows → float32. bfloat16 is stored as uint16 holding the top half of a float32's bits."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+class ActivationStore:
+    """Endless shuffled batches `[batch, d_in]` float32 from `acts/<hookpoint>` of an activation file.
+
+    How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
+    of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
+    the usable rows of each group; batches are consecutive slices of the concatenated groups, running on into
+    the next epoch (new permutation) when the file is exhausted. With `in_memory`, one group holds everything,
+    i.e. a full shuffle per epoch.
+
+    Why blocks and buffers rather than a random permutation of rows: reading random single rows from a
+    chunked HDF5 dataset reads (and decompresses) a whole chunk per row, ~1000x slower than reading chunks in
+    order. Contiguous chunk-aligned blocks keep reads sequential; mixing several blocks from random places in
+    the file before shuffling breaks up the strong correlation between neighbouring positions of a sequence,
+    so a batch holds tokens from many sequences instead of a few long runs of one.
+
+    Positions whose token is the root attr `bos_token_id` are excluded (the cacher packs windows without
+    padding, so BOS is the only special position). With `normalize`, batches are multiplied by `scale`,
+    chosen so that the mean row norm of a sample is sqrt(d_in).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        hookpoint: str,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        seq_range: tuple[int, int] | None = None,
+        exclude_bos: bool = True,
+        normalize: bool = False,
+        in_memory: bool | Literal["auto"] = False,
+        buffer_blocks: int = 16,
+        block_rows: int | None = None,
+        prefetch: int = 4,
+        norm_sample: int = 8192,
+    ):
+        """
+        path: the HDF5 activation file. hookpoint: name under `acts/` (as given to the cacher).
+        batch_size: rows per batch. device: where batches land (pinned memory + non_blocking copy for CUDA).
+        seed: fixes the stream. seq_range: `(start, stop)` sequences to use (default all), e.g. to hold out
+        the last ones for evaluation. exclude_bos: drop positions holding `bos_token_id`.
+        normalize: scale rows to mean norm sqrt(d_in) (see `scale`). in_memory: load the usable rows into RAM
+        (True), stream (False), or load when they fit in 2 GiB as float32 ("auto").
+        buffer_blocks: blocks shuffled together. block_rows: rows per block (default: whole chunks, ~4 MiB).
+        prefetch: batches prepared ahead by the background thread. norm_sample: rows used to estimate `scale`.
+        """
+        import h5py
+
+        self.path = Path(path)
+        self.hookpoint = hookpoint
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.prefetch = max(1, int(prefetch))
+        if self.batch_size <= 0:
+            raise SAEToolkitError(f"batch_size={batch_size} must be positive")
+        if not self.path.is_file():
+            raise SAEToolkitError(f"activation file {str(self.path)!r} does not exist; create it with "
+                                  "`sae-toolkit cache`")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise SAEToolkitError(f"{str(self.path)!r} is not a readable HDF5 file ({e}); pass a file written "
+                                  "by `sae-toolkit cache`") from None
+        try:
+            self._open(hookpoint, seq_range, exclude_bos, block_rows)
+        except BaseException:
+            self._file.close()
+            raise
+        n_usable_bytes = self.n_rows * self.d_in * 4
+        if in_memory == "auto":
+            in_memory = n_usable_bytes <= _AUTO_IN_MEMORY_BYTES
+        self.in_memory = bool(in_memory)
+        self.buffer_blocks = len(self._blocks) if self.in_memory else max(1, int(buffer_blocks))
+        # A buffer should hold several batches, or consecutive batches would come from the same few blocks.
+        min_blocks = math.ceil(4 * self.batch_size / max(1, self._block_rows))
+        self.buffer_blocks = min(len(self._blocks), max(self.buffer_blocks, min_blocks))
+        self._memory: np.ndarray | None = None
+        if self.in_memory:
+            # Usable rows in file order; block b's rows start at _block_first[b].
+            self._memory = np.concatenate([self._read_rows(lo, hi) for lo, hi in self._blocks])
+        self._block_first = np.concatenate([[0], np.cumsum(self._block_counts)[:-1]])
+        self.scale = 1.0
+        if normalize:
+            raw = self.sample(norm_sample, seed=self.seed + 7919, normalized=False)
+            mean_norm = raw.norm(dim=1).mean().item()
+            if not mean_norm > 0:
+                raise SAEToolkitError(f"acts/{hookpoint} rows sampled from {self.path} are all zero; cannot "
+                                      "normalize — check the file or train with normalize=False")
+            self.scale = math.sqrt(self.d_in) / mean_norm
+        self.rows_done = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    # ---- opening and validating the file ----
+
+    def _open(self, hookpoint: str, seq_range: tuple[int, int] | None, exclude_bos: bool,
+              block_rows: int | None) -> None:
+        f, where = self._file, str(self.path)
+        fmt = f.attrs.get("format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode()
+        if fmt != FORMAT or "acts" not in f or "tokens" not in f:
+            raise SAEToolkitError(f"{where!r} is not a sae_toolkit activation file (root attr format={fmt!r}, "
+                                  f"need {FORMAT!r} with acts/ and tokens); write it with `sae-toolkit cache`")
+        version = int(f.attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise SAEToolkitError(f"{where!r} has format_version {version}; this toolkit reads "
+                                  f"version {FORMAT_VERSION} — upgrade sae-toolkit")
+        if hookpoint not in f["acts"]:
+            present = ", ".join(sorted(f["acts"].keys())) or "none"
+            raise SAEToolkitError(f"hookpoint {hookpoint!r} is not in {where!r}; it holds: {present}")
+        self._dset = f["acts"][hookpoint]
+        if self._dset.ndim != 2:
+            raise SAEToolkitError(f"acts/{hookpoint} in {where!r} has shape {self._dset.shape}; expected "
+                                  "[n_seqs*context_size, d]")
+        self.d_in = int(self._dset.shape[1])
+        self.dtype = str(self._dset.attrs.get("dtype", self._dset.dtype.name))
+        if self.dtype == "bfloat16" and self._dset.dtype != np.uint16:
+            raise SAEToolkitError(f"acts/{hookpoint} says dtype=bfloat16 but is stored as {self._dset.dtype}; "
+                                  "bfloat16 must be stored as uint16")
+        if self.dtype != "bfloat16" and self._dset.dtype.kind != "f":
+            raise SAEToolkitError(f"acts/{hookpoint} has dtype {self._dset.dtype}; expected float16/float32 "
+                                  "or bfloat16-as-uint16 with attr dtype='bfloat16'")
+        self.context_size = int(f.attrs["context_size"])
+        self.n_seqs = int(f.attrs["n_seqs"])
+        self.model = str(f.attrs.get("model", ""))
+        bos = f.attrs.get("bos_token_id")
+        self.bos_token_id = None if bos is None or int(bos) < 0 else int(bos)
+        if self.n_seqs * self.context_size > self._dset.shape[0]:
+            raise SAEToolkitError(f"{where!r} claims n_seqs={self.n_seqs} x context_size={self.context_size} "
+                                  f"rows but acts/{hookpoint} holds only {self._dset.shape[0]}; the file is damaged")
+        start, stop = (0, self.n_seqs) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
+        if not 0 <= start < stop <= self.n_seqs:
+            raise SAEToolkitError(f"seq_range={seq_range} is not within the file's {self.n_seqs} complete "
+                                  f"sequences; pass 0 <= start < stop <= {self.n_seqs}")
+        self.seq_range = (start, stop)
+        self._row_start, self._row_stop = start * self.context_size, stop * self.context_size
+        # One bool per data row; tokens are small (4 bytes per row vs 2*d for the activations).
+        if exclude_bos and self.bos_token_id is not None:
+            self._keep = (f["tokens"][start:stop] != self.bos_token_id).reshape(-1)
+        else:
+            self._keep = np.ones(self._row_stop - self._row_start, dtype=bool)
+        self.n_rows = int(self._keep.sum())
+        if self.n_rows < self.batch_size:
+            raise SAEToolkitError(f"acts/{hookpoint} in {where!r} has {self.n_rows} usable rows (sequences "
+                                  f"{start}..{stop}, BOS excluded) — fewer than one batch of {self.batch_size}; "
+                                  "lower --batch-size or cache more tokens")
+        chunk = self._dset.chunks[0] if self._dset.chunks else 1
+        if block_rows is None:
+            row_bytes = self.d_in * self._dset.dtype.itemsize
+            block_rows = chunk * max(1, _BLOCK_BYTES // (row_bytes * chunk))
+        self._block_rows = int(block_rows)
+        # Block edges on a global grid (multiples of block_rows), so blocks stay aligned to chunks even when
+        # seq_range starts mid-chunk; the first and last block are clipped to the range.
+        edges = range((self._row_start // self._block_rows + 1) * self._block_rows, self._row_stop,
+                      self._block_rows)
+        bounds = [self._row_start, *edges, self._row_stop]
+        blocks = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        keep_counts = [int(self._keep[lo - self._row_start:hi - self._row_start].sum()) for lo, hi in blocks]
+        self._blocks = [b for b, n in zip(blocks, keep_counts) if n > 0]
+        self._block_counts = np.array([n for n in keep_counts if n > 0], dtype=np.int64)
+
+    def _read_rows(self, lo: int, hi: int) -> np.ndarray:
+        """Usable rows of `[lo, hi)` read from the file as float32 `[n, d_in]`; raises on non-finite values."""
+        rows = _to_float32(self._dset[lo:hi], self.dtype)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            bad = lo + int(np.argmin(finite))
+            seq, pos = divmod(bad, self.context_size)
+            raise SAEToolkitError(f"acts/{self.hookpoint} in {self.path} has a non-finite value in row {bad} "
+                                  f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
+                                  "--dtype bfloat16 or float32)")
+        return rows[self._keep[lo - self._row_start:hi - self._row_start]]
+
+    # ---- the stream ----
+
+    def _epoch_groups(self, epoch: int) -> list[np.ndarray]:
+        """Block indices of each shuffle group of `epoch`, in stream order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self._blocks))
+        return [order[i:i + self.buffer_blocks] for i in range(0, len(order), self.buffer_blocks)]
+
+    def _group(self, epoch: int, g: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One shuffle group as `(source [m, d_in], index [n])`: its rows in stream order are `source[index]`.
+
+        Streaming reads the group's blocks; in memory, the source is the loaded array and only indices move,
+        so an epoch never copies the whole array.
+        """
+        if self._memory is not None:
+            source = self._memory
+            index = np.concatenate([np.arange(self._block_first[b], self._block_first[b] + self._block_counts[b])
+                                    for b in group])
+        else:
+            source = np.concatenate([self._read_rows(*self._blocks[b]) for b in group])
+            index = np.arange(len(source))
+        perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(index))
+        return source, index[perm]
+
+    def _row_stream(self, rows_done: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive `(source, index)` pieces of the stream, starting `rows_done` rows in."""
+        epoch, offset = divmod(rows_done, self.n_rows)
+        while True:
+            for g, group in enumerate(self._epoch_groups(epoch)):
+                n = int(self._block_counts[group].sum())
+                if offset >= n:
+                    offset -= n  # skipped without reading: resuming only costs the reads it needs
+                    continue
+                source, index = self._group(epoch, g, group)
+                yield source, index[offset:]
+                offset = 0
+            epoch += 1
+
+    def _batches(self, rows_done: int) -> Iterator[np.ndarray]:
+        """Batches `[batch, d_in]` float32 of the stream, starting `rows_done` rows in."""
+        pending: list[np.ndarray] = []  # the tail of the previous piece, shorter than a batch
+        n_pending = 0
+        for source, index in self._row_stream(rows_done):
+            i = 0
+            if n_pending:
+                take = min(self.batch_size - n_pending, len(index))
+                pending.append(source[index[:take]])
+                n_pending += take
+                i = take
+                if n_pending < self.batch_size:
+                    continue
+                yield np.concatenate(pending)
+                pending, n_pending = [], 0
+            n_full = (len(index) - i) // self.batch_size
+            for j in range(n_full):
+                yield source[index[i + j * self.batch_size:i + (j + 1) * self.batch_size]]
+            i += n_full * self.batch_size
+            if i < len(index):
+                pending, n_pending = [source[index[i:]]], len(index) - i
+
+    def _to_device(self, rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.device.type == "cuda":
+            # Pinned host memory makes the copy asynchronous, so it overlaps with the previous step's kernels.
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def _produce(self, rows_done: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Prefetch thread: fill `out` with device batches (or the exception that ended the stream) until `stop`."""
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for rows in self._batches(rows_done):
+                if not put(self._to_device(rows)):
+                    return
+        except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
+            put(e)
+
+    # ---- public API ----
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch `[batch, d_in]` float32 on `device` (scaled by `scale`)."""
+        if self._thread is None:
+            self._stop = threading.Event()
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, args=(self.rows_done, self._queue, self._stop),
+                                            name="ActivationStore-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._stop_prefetch()
+            raise item
+        epoch = self.rows_done // self.n_rows
+        self.rows_done += self.batch_size
+        if (self.rows_done - 1) // self.n_rows > epoch:
+            # Loud the first time (the caller may not expect repeats), quiet after that (one line per pass).
+            log.log(logging.WARNING if epoch == 0 else logging.INFO,
+                    "acts/%s: starting pass %d over %s (%d usable rows) with a new shuffle — more tokens were "
+                    "asked for than the file holds", self.hookpoint, epoch + 2, self.path.name, self.n_rows)
+        return item
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            yield self.next_batch()
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the usable rows so far (fractional)."""
+        return self.rows_done / self.n_rows
+
+    def sample(self, n: int, *, seed: int = 0, normalized: bool = True) -> torch.Tensor:
+        """`n` usable rows `[n, d_in]` float32 on CPU, from random blocks; a function of `seed` only.
+
+        For initialising `b_dec`, estimating `scale` and resampling dead latents. `normalized` applies `scale`.
+        With fewer usable rows than `n`, returns all of them.
+        """
+        rng = np.random.default_rng([self.seed, 1_000_003, seed])
+        order = rng.permutation(len(self._blocks))
+        need = min(n, self.n_rows)
+        cum = np.cumsum(self._block_counts[order])
+        chosen = order[: int(np.searchsorted(cum, need)) + 1]
+        if self._memory is not None:
+            rows = np.concatenate([self._memory[self._block_first[b]:self._block_first[b] + self._block_counts[b]]
+                                   for b in chosen])
+        else:
+            rows = np.concatenate([self._read_rows(*self._blocks[b]) for b in chosen])
+        rows = rows[rng.permutation(len(rows))[:need]]
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        return x * self.scale if normalized else x
+
+    def state_dict(self) -> dict:
+        """The stream position (rows handed out) plus what must match for it to mean the same thing."""
+        return {"rows_done": self.rows_done, "seed": self.seed, "n_rows": self.n_rows,
+                "seq_range": list(self.seq_range), "batch_size": self.batch_size,
+                "buffer_blocks": self.buffer_blocks, "block_rows": self._block_rows, "scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream from `state` (written by `state_dict` on a store opened the same way)."""
+        for key in ("seed", "n_rows", "seq_range", "batch_size", "buffer_blocks", "block_rows"):
+            have = list(self.seq_range) if key == "seq_range" else self.state_dict()[key]
+            if state[key] != have:
+                raise SAEToolkitError(f"cannot resume the activation stream: {key} was {state[key]} and is now "
+                                      f"{have}; resume with the same file, hookpoint, seq_range, batch size and seed")
+        self._stop_prefetch()
+        self.rows_done = int(state["rows_done"])
+        self.scale = float(state["scale"])
+
+    def _stop_prefetch(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._queue = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the file."""
+        self._stop_prefetch()
+        self._file.close()
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, {self.hookpoint!r}, d_in={self.d_in}, rows={self.n_rows}, "
+                f"batch_size={self.batch_size}, scale={self.scale:.4g}, in_memory={self.in_memory})")

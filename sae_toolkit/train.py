@@ -1,0 +1,348 @@
+"""The SAE trainer: `train_step` (one Adam update with decoder-norm upkeep), Trainer.fit() and `train_sae`.
+
+    >>> run_dir = train_sae(TrainConfig(acts="a.h5", hookpoint="mlp_out.6", arch="topk", out="run"))  # doctest: +SKIP
+
+RUN_DIR holds `sae/` (the final SAE, normalization folded in), `checkpoints/`, `metrics.jsonl` and
+`train_config.json` (DESIGN.md §4). Batches, schedules and RNGs are all functions of saved state, so on CPU a
+resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_toolkit import __version__
+from sae_toolkit.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
+from sae_toolkit.schedules import default_lr, lr_at, sparsity_scale_at
+from sae_toolkit.store import ActivationStore
+from sae_toolkit.train_config import RESUMABLE_CHANGES, TrainConfig
+from sae_toolkit.units import resolve_device
+
+__all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
+
+_RUN_FILES = {"train_config.json", "metrics.jsonl", "checkpoints", "sae", ".tmp-sae", "tensorboard"}
+"""What a run directory may hold; anything else means --out points at someone else's directory."""
+
+
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float | None = None,
+               dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0, autocast: bool = False,
+               max_grad_norm: float | None = None) -> TrainOutput:
+    """One Adam update on batch x [batch, d_in]; returns the SAE's TrainOutput (computed before the update).
+
+    For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
+    rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
+    """
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    # bf16 autocast runs the matmuls in bf16 while parameters and Adam moments stay fp32 (master weights).
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = sae.training_loss(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+    out.loss.backward()
+    if sae.unit_norm_decoder:
+        sae.remove_parallel_grad_()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sae.unit_norm_decoder:
+        sae.normalize_decoder_()
+    return out
+
+
+class Trainer:
+    """Trains one SAE on one hookpoint of an activation file, writing RUN_DIR as it goes."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        checkpoint = self._check_run_dir()
+        self.device = torch.device(resolve_device(cfg.device))
+        self.store = ActivationStore(
+            cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
+            seq_range=cfg.seq_range, exclude_bos=cfg.exclude_bos, normalize=cfg.normalize,
+            in_memory=cfg.in_memory, prefetch=cfg.prefetch)
+        try:
+            self._build(checkpoint)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _build(self, checkpoint: Path | None) -> None:
+        cfg = self.cfg
+        self.d_in = self.store.d_in
+        self.d_sae = cfg.n_features or cfg.expansion * self.d_in
+        self.total_tokens = cfg.tokens or self.store.n_rows
+        self.total_steps = self.total_tokens // cfg.batch_size
+        if self.total_steps < 1:
+            raise SAEToolkitError(f"--tokens {self.total_tokens} is less than one batch of {cfg.batch_size}; "
+                                  "raise --tokens or lower --batch-size")
+        self.lr = cfg.lr or default_lr(self.d_sae)
+        self.warmup_steps = (min(1000, self.total_steps // 20) if cfg.lr_warmup_steps is None
+                             else cfg.lr_warmup_steps)
+        self.dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, self.total_tokens // 8))
+        self.resample_steps = ({round(f * self.total_steps) for f in cfg.resample_fractions} - {0}
+                               if cfg.resample else set())
+        # Seeded initialisation without touching the caller's global RNG state.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            self.sae = make_sae(self._sae_config(), device=self.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
+                                    fused=self.device.type == "cuda")
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._loggers: list[Any] = []
+        self._tick = (time.perf_counter(), 0)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
+        else:
+            self._start_run()
+
+    # ---- set-up ----
+
+    def _check_run_dir(self) -> Path | None:
+        """The checkpoint to resume from (None for a new run); refuses to write into a used directory."""
+        if not self.cfg.resume:
+            if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
+                raise SAEToolkitError(f"run directory {self.run_dir} exists and is not empty; pass --resume to "
+                                      "continue it or choose a new --out")
+            return None
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            # A run killed before its first checkpoint leaves only our own files: start it again from scratch.
+            others = sorted(p.name for p in self.run_dir.iterdir() if p.name not in _RUN_FILES) \
+                if self.run_dir.is_dir() else []
+            if others:
+                raise SAEToolkitError(f"--resume: {self.run_dir} has no checkpoint but holds other files "
+                                      f"({', '.join(others[:5])}); choose a new --out")
+            print(f"--resume: no checkpoint in {self.run_dir} yet; starting from step 0")
+        return checkpoint
+
+    def _sae_config(self) -> SAEConfig:
+        cfg = self.cfg
+        topk_family = cfg.arch in ("topk", "batchtopk")
+        return SAEConfig(
+            arch=cfg.arch, d_in=self.d_in, d_sae=self.d_sae, k=cfg.k if topk_family else None,
+            hookpoint=cfg.hookpoint, model=self.store.model, l1_coefficient=cfg.l1_coefficient,
+            decoder_norm_penalty=cfg.decoder_norm_penalty, k_aux=cfg.k_aux if topk_family else None,
+            aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk,
+            extra={"train_tokens": self.total_tokens, "train_steps": self.total_steps,
+                   "acts": str(cfg.acts), "seq_range": list(self.store.seq_range)})
+
+    def _start_run(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.b_dec_init != "zeros":
+            sample = self.store.sample(self.cfg.init_sample, seed=0)
+            self.sae.init_b_dec_(sample, method=self.cfg.b_dec_init)
+        resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
+                    "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
+                    "dead_window_tokens": self.dead_window, "scale": self.store.scale,
+                    "usable_rows": self.store.n_rows, "device": str(self.device), "toolkit_version": __version__}
+        _write_atomic(self.run_dir / "train_config.json",
+                      json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path, device=self.device)
+        saved = state["train_config"]
+        if state["sae_cfg"]["d_in"] != self.d_in:
+            raise SAEToolkitError(f"cannot resume {self.run_dir}: it was trained on d_in={state['sae_cfg']['d_in']} "
+                                  f"but acts/{self.cfg.hookpoint} in {self.cfg.acts} has d={self.d_in}; resume with "
+                                  "the same activations or start a new --out")
+        now = self.cfg.to_dict()
+        changed = [f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in now
+                   if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now[k])) != saved.get(k)]
+        if changed:
+            raise SAEToolkitError(f"cannot resume {self.run_dir} with other settings ({'; '.join(changed)}); pass "
+                                  "the original arguments or start a new --out")
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        optimizer_from_flat(self.opt, tensors, state["optimizer"])
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.generator.set_state(tensors["rng.resample"].cpu())
+        self.store.load_state_dict(state["store"])
+        self.step = int(state["step"])
+        # Lines logged after this checkpoint belong to the lost future; the resumed run writes them again.
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        kept = [line for line in lines if _logged_step(line) <= self.step]
+        _write_atomic(metrics, "".join(line + "\n" for line in kept))
+        print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps} ({path.name})")
+
+    # ---- the loop ----
+
+    def fit(self) -> Path:
+        """Train to `total_steps`, logging and checkpointing on the way; returns RUN_DIR."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        print(f"training {cfg.arch} SAE d_in={self.d_in} d_sae={self.d_sae} on {self.total_tokens:,} tokens "
+              f"({self.total_steps} steps of {cfg.batch_size}; {self.total_tokens / self.store.n_rows:.2f} passes over "
+              f"{self.store.n_rows:,} usable rows) "
+              f"on {self.device} → {self.run_dir}")
+        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
+                   unit_scale=True, desc=f"train {cfg.arch}", dynamic_ncols=True)
+        self._open_loggers()
+        self._tick = (time.perf_counter(), self.step)
+        last_saved = self.step
+        try:
+            while self.step < self.total_steps:
+                if self.step in self.resample_steps:
+                    self.resample(bar)
+                x = self.store.next_batch()
+                out = self.train_one(x)
+                self.step += 1
+                bar.update(cfg.batch_size)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(self.log(x, out), refresh=False)
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                    last_saved = self.step
+            if last_saved != self.step:
+                self.save_checkpoint()
+            self.save_sae()
+        finally:
+            bar.close()
+            self.store.close()
+            self._close_loggers()
+        return self.run_dir
+
+    def train_one(self, x: torch.Tensor) -> TrainOutput:
+        """One update at the current step's lr and λ scale; updates the dead-latent counters."""
+        out = train_step(
+            self.sae, self.opt, x,
+            lr=lr_at(self.step, self.total_steps, self.lr, warmup_steps=self.warmup_steps,
+                     decay=self.cfg.lr_decay, decay_fraction=self.cfg.lr_decay_fraction),
+            dead_mask=self.dead_mask(),
+            sparsity_scale=sparsity_scale_at(self.step, self.total_steps, self.cfg.l1_warmup_fraction),
+            autocast=self.cfg.autocast and self.device.type == "cuda", max_grad_norm=self.cfg.max_grad_norm)
+        self.tokens_since_fired = torch.where(out.fired, 0, self.tokens_since_fired + x.shape[0])
+        return out
+
+    def dead_mask(self) -> torch.Tensor:
+        """[d_sae] bool: latents that have not fired in the last `dead_window` tokens."""
+        return self.tokens_since_fired >= self.dead_window
+
+    def resample(self, bar: Any = None) -> int:
+        from sae_toolkit.resample import resample_dead_latents_
+
+        inputs = self.store.sample(self.cfg.resample_sample, seed=1 + self.step)
+        n = resample_dead_latents_(self.sae, self.opt, self.dead_mask(), inputs, self.generator)
+        self.tokens_since_fired[self.dead_mask()] = 0
+        if bar is not None and n:
+            bar.write(f"step {self.step}: resampled {n} dead latents")
+        return n
+
+    # ---- logging ----
+
+    @torch.no_grad()
+    def log(self, x: torch.Tensor, out: TrainOutput) -> dict[str, float]:
+        """Append one line to metrics.jsonl (and the optional loggers); returns a short summary for the bar."""
+        now = time.perf_counter()
+        x_hat = out.x_hat.float()
+        sq_err = (x - x_hat).pow(2).sum()
+        row = {"step": self.step, "tokens": self.step * self.cfg.batch_size, "loss": out.loss.item()}
+        row.update({f"loss_{name}": v.item() for name, v in out.parts.items()})
+        row.update({
+            "mse": sq_err.item() / x.numel(),
+            "fvu": (sq_err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item(),
+            "l0": out.l0.item(),
+            "dead_fraction": self.dead_mask().float().mean().item(),
+            "lr": self.opt.param_groups[0]["lr"],
+            "sparsity_scale": sparsity_scale_at(self.step - 1, self.total_steps, self.cfg.l1_warmup_fraction),
+            "epoch": self.store.epoch,
+            "tokens_per_s": (self.step - self._tick[1]) * self.cfg.batch_size / max(now - self._tick[0], 1e-9),
+        })
+        self._tick = (now, self.step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for logger in self._loggers:
+            logger(row)
+        return {"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
+                "dead": f"{row['dead_fraction']:.1%}"}
+
+    def _open_loggers(self) -> None:
+        name = self.cfg.run_name or self.run_dir.name
+        if self.cfg.logger == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SAEToolkitError("logger='wandb' needs wandb: pip install 'sae-toolkit[wandb]'") from None
+            run = wandb.init(project=self.cfg.wandb_project, name=name, config=self.cfg.to_dict(), resume="allow")
+            self._loggers.append(lambda row: run.log(row, step=row["step"]))
+            self._closers = [run.finish]
+        elif self.cfg.logger == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SAEToolkitError("logger='tensorboard' needs tensorboard: pip install "
+                                      "'sae-toolkit[tensorboard]'") from None
+            writer = SummaryWriter(str(self.run_dir / "tensorboard" / name))
+            self._loggers.append(lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items()
+                                              if k != "step"])
+            self._closers = [writer.close]
+
+    def _close_loggers(self) -> None:
+        for close in getattr(self, "_closers", []):
+            close()
+        self._loggers, self._closers = [], []
+
+    # ---- checkpoints and the final SAE ----
+
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly: weights, Adam state, counters, RNGs, stream position."""
+        opt_tensors, opt_meta = optimizer_to_flat(self.opt)
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors.update({"tokens_since_fired": self.tokens_since_fired, "rng.resample": self.generator.get_state()})
+        state = {"step": self.step, "total_steps": self.total_steps, "store": self.store.state_dict(),
+                 "optimizer": opt_meta, "sae_cfg": self.sae.cfg.to_dict(), "train_config": self.cfg.to_dict(),
+                 "toolkit_version": __version__}
+        return save_checkpoint(self.run_dir, self.step, tensors, state, keep=self.cfg.keep_checkpoints)
+
+    def save_sae(self) -> Path:
+        """Write RUN_DIR/sae with the activation scale folded in, so it works on raw activations."""
+        sae = copy.deepcopy(self.sae)
+        sae.fold_scale_(self.store.scale)
+        final, tmp = self.run_dir / "sae", self.run_dir / ".tmp-sae"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sae.save(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a kill (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train_sae(cfg: TrainConfig) -> Path:
+    """Train an SAE as `cfg` says; returns RUN_DIR (final SAE in RUN_DIR/sae)."""
+    return Trainer(cfg).fit()

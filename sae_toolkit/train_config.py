@@ -1,0 +1,164 @@
+"""TrainConfig: every setting of an SAE training run, validated on construction; saved as train_config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import ARCHS
+
+# Fields that may change between a run and its --resume without changing what is computed.
+RESUMABLE_CHANGES = {"acts", "out", "resume", "device", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "logger", "wandb_project", "run_name", "prefetch"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train_sae` needs; saved as RUN_DIR/train_config.json."""
+
+    acts: str
+    """Activation file (HDF5, DESIGN.md §3)."""
+    hookpoint: str
+    """Dataset under acts/ to train on."""
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+    """SAE architecture."""
+    expansion: int = 8
+    """d_sae = expansion · d_in (ignored when n_features is set)."""
+    n_features: int | None = None
+    """d_sae, overriding expansion."""
+    k: int = 32
+    """Active latents per token (topk; mean per token for batchtopk). Unused by the other archs."""
+    l1_coefficient: float | None = None
+    """Sparsity coefficient λ (relu, gated: L1; jumprelu: L0). None: the arch default for normalized inputs."""
+    lr: float | None = None
+    """Adam learning rate. None: 2e-4 · sqrt(2^14 / d_sae) (Gao et al. 2024)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    tokens: int | None = None
+    """Training tokens. None: one pass over the usable rows; more than the file holds cycles through it."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    seed: int = 0
+    """Seeds the SAE initialisation, the batch order and resampling."""
+    out: str = ""
+    """RUN_DIR. Must be empty or absent unless resume is set."""
+    resume: bool = False
+    """Continue from the newest checkpoint in RUN_DIR."""
+
+    seq_range: tuple[int, int] | None = None
+    """Train only on sequences [start, stop) of the file, e.g. to hold out the rest for evaluation."""
+    normalize: bool = True
+    """Scale activations to mean norm sqrt(d_in) during training (folded into the saved SAE), so that λ and lr
+    defaults carry across models and layers."""
+    exclude_bos: bool = True
+    """Skip BOS positions (their activations are huge outliers that waste latents)."""
+    in_memory: bool | Literal["auto"] = "auto"
+    """Load the usable rows into RAM (full shuffle each pass); auto: when they fit in 2 GiB as float32."""
+    prefetch: int = 4
+    """Batches the store prepares ahead in its background thread."""
+
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial b_dec: geometric median (Anthropic 2023) or mean of a sample, or zeros."""
+    init_sample: int = 16384
+    """Rows sampled for the b_dec initialisation."""
+
+    lr_warmup_steps: int | None = None
+    """Linear lr warm-up. None: min(1000, 5% of the steps)."""
+    lr_decay: Literal["linear", "cosine", "none"] = "linear"
+    """Decay to ~0 over the last lr_decay_fraction of training."""
+    lr_decay_fraction: float = 0.2
+    """Share of training (at the end) over which lr decays."""
+    l1_warmup_fraction: float = 0.05
+    """Share of training (at the start) over which λ ramps up linearly from 0."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam β1, β2."""
+    max_grad_norm: float | None = None
+    """Clip the gradient norm to this value (None: no clipping)."""
+    autocast: bool = True
+    """bf16 autocast on CUDA (weights and Adam state stay fp32). No effect on CPU."""
+
+    decoder_norm_penalty: bool = False
+    """relu: Anthropic's April-2024 variant (λ Σ fᵢ‖W_dec,i‖, decoder norms free) instead of unit-norm rows."""
+    k_aux: int | None = None
+    """topk/batchtopk: dead latents in the AuxK loss. None: d_in // 2."""
+    aux_coefficient: float = 1 / 32
+    """topk/batchtopk: AuxK loss weight (0 disables AuxK)."""
+    multi_topk: bool = False
+    """topk: add the Multi-TopK loss L(4k)/8."""
+
+    dead_window_tokens: int | None = None
+    """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
+    resample: bool | None = None
+    """relu: resample dead latents (Anthropic 2023) at resample_fractions of training. None: on for relu."""
+    resample_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5)
+    """Points of training (fractions of the steps) where dead latents are resampled."""
+    resample_sample: int = 16384
+    """Inputs scored to choose resampling directions."""
+
+    log_every: int = 50
+    """Steps between lines of metrics.jsonl."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    logger: Literal["none", "wandb", "tensorboard"] = "none"
+    """Also send metrics to Weights & Biases or TensorBoard (optional packages)."""
+    wandb_project: str = "sae-toolkit"
+    """W&B project when logger is wandb."""
+    run_name: str = ""
+    """Name for W&B / TensorBoard (default: the RUN_DIR name)."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SAEToolkitError(f"arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        if not self.out:
+            raise SAEToolkitError("no run directory given; pass --out RUN_DIR")
+        for name in ("expansion", "k", "batch_size", "init_sample", "log_every", "checkpoint_every",
+                     "resample_sample", "prefetch"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("n_features", "tokens", "dead_window_tokens"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.lr_warmup_steps is not None and (not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0):
+            raise SAEToolkitError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be a non-negative integer")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise SAEToolkitError(f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
+        for name in ("lr_decay_fraction", "l1_warmup_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SAEToolkitError(f"{name}={getattr(self, name)!r} must be between 0 and 1")
+        self.resample_fractions = tuple(float(f) for f in self.resample_fractions)
+        if any(not 0.0 < f < 1.0 for f in self.resample_fractions):
+            raise SAEToolkitError(f"resample_fractions={self.resample_fractions} must lie strictly between 0 and 1")
+        if self.resample is None:
+            self.resample = self.arch == "relu"
+        if self.resample and self.arch != "relu":
+            raise SAEToolkitError(f"resample applies to relu SAEs, not {self.arch!r} (topk/batchtopk revive dead "
+                                  "latents with AuxK); set resample=False")
+        if self.seq_range is not None:
+            if len(self.seq_range) != 2 or not 0 <= int(self.seq_range[0]) < int(self.seq_range[1]):
+                raise SAEToolkitError(f"seq_range={self.seq_range!r} must be (start, stop) with 0 <= start < stop")
+            self.seq_range = (int(self.seq_range[0]), int(self.seq_range[1]))
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        for name, choices in (("b_dec_init", ("geometric_median", "mean", "zeros")),
+                              ("lr_decay", ("linear", "cosine", "none")),
+                              ("logger", ("none", "wandb", "tensorboard"))):
+            if getattr(self, name) not in choices:
+                raise SAEToolkitError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if self.in_memory not in (True, False, "auto"):
+            raise SAEToolkitError(f"in_memory={self.in_memory!r}; choose True, False or 'auto'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_positive_int(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SAEToolkitError(f"{name}={v!r} must be a positive integer")

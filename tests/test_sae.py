@@ -1,0 +1,377 @@
+"""SAE architectures: invariants, losses against their formulas, decoder-norm upkeep, save/load, folding, errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from _sae_helpers import D_IN, D_SAE, K, batch_topk_dense, cfg_for, grads_of, mse, pre_acts_ref, randomized
+
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import ARCHS, SAE, SAEConfig, SAEOutput, TrainOutput, load_sae, make_sae
+from sae_toolkit.sae.base import geometric_median
+
+ALL = [*ARCHS, "relu-april"]
+
+
+def _make(arch: str, seed: int = 0) -> SAE:
+    if arch == "relu-april":
+        return randomized("relu", seed, decoder_norm_penalty=True)
+    return randomized(arch, seed)
+
+
+def _trained_a_little(arch: str) -> SAE:
+    """Randomised SAE after a few Adam steps in train mode (BatchTopK then has its threshold)."""
+    sae = _make(arch)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(3):
+        out = sae.training_loss(torch.randn(32, D_IN, dtype=torch.float64))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_forward_equals_decode_encode(arch):
+    sae = _trained_a_little(arch)
+    x = torch.randn(2, 3, D_IN, dtype=torch.float64)  # leading dims [batch, seq]
+    out = sae(x)
+    assert isinstance(out, SAEOutput)
+    assert out.x_hat.shape == (2, 3, D_IN) and out.feature_acts.shape == (2, 3, D_SAE)
+    f = sae.encode(x)
+    assert torch.equal(out.feature_acts, f)
+    assert torch.equal(out.x_hat, sae.decode(f))
+    assert (f >= 0).all()
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_training_loss_contract(arch):
+    sae = _make(arch)
+    x = torch.randn(16, D_IN, dtype=torch.float64)
+    out = sae.training_loss(x, dead_mask=torch.ones(D_SAE, dtype=torch.bool))
+    assert isinstance(out, TrainOutput)
+    assert out.loss.ndim == 0 and out.x_hat.shape == x.shape
+    assert out.fired.dtype == torch.bool and out.fired.shape == (D_SAE,)
+    torch.testing.assert_close(out.loss, sum(out.parts.values()))
+    assert float(out.parts["mse"].detach()) == pytest.approx(float(mse(x, out.x_hat).detach()))
+    if arch != "batchtopk":  # BatchTopK trains on a batch-level selection, not the per-token encode
+        with torch.no_grad():
+            f = sae.encode(x)
+        torch.testing.assert_close(out.x_hat.detach(), sae.decode(f).detach())
+        assert out.l0 == pytest.approx(float((f > 0).sum(-1).double().mean()))
+        assert torch.equal(out.fired, (f > 0).any(0))
+    out.loss.backward()
+    assert all(p.grad is not None for p in sae.parameters())
+
+
+def test_relu_loss_formulas():
+    for arch in ("relu", "relu-april"):
+        sae = _make(arch)
+        x = torch.randn(16, D_IN, dtype=torch.float64)
+        f = (pre_acts_ref(sae, x)).relu()
+        weights = sae.W_dec.norm(dim=-1) if arch == "relu-april" else torch.ones(D_SAE, dtype=torch.float64)
+        out = sae.training_loss(x, sparsity_scale=0.5)
+        want = 0.5 * sae.cfg.l1_coefficient * (f * weights).sum(-1).mean()
+        torch.testing.assert_close(out.parts["l1"], want)
+        assert sae.unit_norm_decoder == (arch == "relu")
+
+
+def test_jumprelu_straight_through_gradients():
+    sae = randomized("jumprelu", seed=1, jumprelu_bandwidth=0.5)
+    x = torch.randn(64, D_IN, dtype=torch.float64)
+    out = sae.training_loss(x)
+    pre = pre_acts_ref(sae, x).detach()
+    theta, eps = sae.threshold.detach(), sae.cfg.jumprelu_bandwidth
+    f = pre * (pre > theta)
+    assert torch.equal(out.parts["l0"], sae.cfg.l1_coefficient * (pre > theta).sum(-1).double().mean())
+    # ∂loss/∂θ by the paper's pseudo-derivatives: JumpReLU −(θ/ε)K, Heaviside −(1/ε)K, K the rectangle
+    K = ((pre - theta) / eps).abs().lt(0.5).double()
+    g_f = -2 * (x - (f @ sae.W_dec + sae.b_dec)) @ sae.W_dec.T.detach() / x.shape[0]  # ∂mse/∂f
+    want_theta = (g_f * -(theta / eps) * K).sum(0) + sae.cfg.l1_coefficient * (-(1 / eps) * K).sum(0) / x.shape[0]
+    got = grads_of(sae, out.loss)
+    torch.testing.assert_close(got["log_threshold"], want_theta * theta)  # chain rule through θ = exp(log θ)
+    assert got["log_threshold"].abs().gt(0).any()
+    # the L0 term sends nothing to the encoder: its gradient comes from the MSE alone
+    torch.testing.assert_close(grads_of(sae, out.parts["l0"])["W_enc"], torch.zeros_like(sae.W_enc))
+
+
+def test_gated_aux_loss_trains_only_the_gate_path():
+    sae = randomized("gated", seed=2)
+    x = torch.randn(16, D_IN, dtype=torch.float64)
+    out = sae.training_loss(x)
+    g = grads_of(sae, out.parts["aux"])
+    assert torch.all(g["W_dec"] == 0) and torch.all(g["r_mag"] == 0) and torch.all(g["b_mag"] == 0)
+    assert g["W_enc"].abs().sum() > 0 and g["b_enc"].abs().sum() > 0
+    # the frozen reconstruction uses ReLU(π_gate)
+    pre_gate = pre_acts_ref(sae, x)
+    want = mse(x, pre_gate.relu() @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(out.parts["aux"], want)
+    # gate decides which latents are on, magnitude path their size
+    f = sae.encode(x)
+    mag = (x - sae.b_dec) @ sae.W_enc * sae.r_mag.exp() + sae.b_mag
+    torch.testing.assert_close(f, (pre_gate > 0) * mag.relu())
+
+
+def test_batchtopk_threshold_is_learned_and_used_in_eval():
+    sae = randomized("batchtopk", seed=4)
+    x = torch.randn(64, D_IN, dtype=torch.float64)
+    assert sae.threshold < 0  # not estimated yet
+    sae.train()
+    out = sae.training_loss(x)
+    pre = pre_acts_ref(sae, x).detach()
+    kept = batch_topk_dense(pre, K)
+    first = kept[kept > 0].min()
+    assert sae.threshold == first
+    out = sae.training_loss(x + 0.1)
+    assert out.l0 == pytest.approx(K)  # k·batch entries over the batch
+    second = batch_topk_dense(pre_acts_ref(sae, x + 0.1).detach(), K)
+    m2 = second[second > 0].min()
+    assert float(sae.threshold) == pytest.approx(0.99 * float(first) + 0.01 * float(m2))
+    # eval: the threshold, not a top-k, decides; a token can have more or fewer than k latents
+    sae.eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.2)
+        f = sae.encode(x)
+    pre = pre_acts_ref(sae, x).detach()
+    torch.testing.assert_close(f, pre.relu() * (pre > 0.2))
+    counts = (f > 0).sum(-1)
+    assert counts.min() != counts.max()
+    # eval encode does not move the threshold
+    sae.training_loss(x)
+    assert float(sae.threshold) == 0.2
+
+
+def test_batchtopk_threshold_ignores_batches_without_positive_activations():
+    sae = randomized("batchtopk", seed=4).train()
+    x = torch.randn(16, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)  # every pre-activation negative: nothing fires
+    out = sae.training_loss(x)
+    assert out.l0 == 0 and not out.fired.any()
+    assert sae.threshold == -1  # still "not estimated", not +inf
+    with torch.no_grad():
+        sae.b_enc.zero_()
+    sae.training_loss(x)
+    assert 0 < sae.threshold < float("inf")
+
+
+def test_remove_parallel_grad_and_normalize_keep_unit_norms():
+    sae = _make("relu")
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        sae.training_loss(torch.randn(32, D_IN, dtype=torch.float64)).loss.backward()
+        sae.remove_parallel_grad_()
+        assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-12  # tangent to every row
+        opt.step()
+        assert (sae.W_dec.norm(dim=-1) - 1).abs().max() > 1e-6  # Adam left the sphere...
+        sae.normalize_decoder_()
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE, dtype=torch.float64))  # ...and back
+
+
+def test_fresh_saes_start_with_unit_decoder_and_tied_encoder():
+    for arch in ARCHS:
+        sae = make_sae(cfg_for(arch))
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE, dtype=torch.float64))
+        assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert make_sae(cfg_for("relu", decoder_norm_penalty=True)).W_dec.norm(dim=-1).max() < 0.11
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_fold_scale_gives_raw_units(arch):
+    sae = _trained_a_little(arch)
+    x = torch.randn(16, D_IN, dtype=torch.float64)
+    scale = 3.7
+    with torch.no_grad():
+        x_hat_scaled, f_scaled = sae(x * scale)
+        sae.fold_scale_(scale)
+        x_hat, f = sae(x)
+    torch.testing.assert_close(x_hat, x_hat_scaled / scale)
+    torch.testing.assert_close(f, f_scaled / scale)
+    assert sae.cfg.act_scale == pytest.approx(scale)
+    with pytest.raises(SAEToolkitError, match="positive finite"):
+        sae.fold_scale_(0.0)
+    with pytest.raises(SAEToolkitError, match="positive finite"):
+        sae.fold_scale_("big")  # type: ignore[arg-type]  # testing the error
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_save_load_round_trip_is_exact(arch, tmp_path):
+    sae = _trained_a_little(arch)
+    sae.cfg.hookpoint, sae.cfg.model = "mlp_out.1", "tiny"
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["arch"] == arch.split("-")[0] and cfg["d_in"] == D_IN and cfg["hookpoint"] == "mlp_out.1"
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    assert not loaded.training  # loaded for inference (BatchTopK then applies its threshold)
+    x = torch.randn(10, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = sae(x), loaded(x)
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.feature_acts, b.feature_acts)
+    for (n1, t1), (n2, t2) in zip(sae.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    # a run directory holding sae/ loads too
+    assert torch.equal(SAE.load(tmp_path).W_dec, sae.W_dec)
+
+
+def test_safetensors_names_follow_the_papers(tmp_path):
+    from safetensors import safe_open
+
+    want = {
+        "relu": {"W_enc", "b_enc", "W_dec", "b_dec"},
+        "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
+        "batchtopk": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+        "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold"},
+        "gated": {"W_enc", "b_enc", "W_dec", "b_dec", "r_mag", "b_mag"},
+    }
+    for arch in ARCHS:
+        sae = make_sae(cfg_for(arch))
+        sae.save(tmp_path / arch)
+        with safe_open(str(tmp_path / arch / "sae.safetensors"), "pt") as f:
+            assert set(f.keys()) == want[arch]
+            assert tuple(f.get_tensor("W_enc").shape) == (D_IN, D_SAE)
+            assert tuple(f.get_tensor("W_dec").shape) == (D_SAE, D_IN)
+
+
+def test_float32_save_keeps_dtype(tmp_path):
+    sae = make_sae(SAEConfig(arch="topk", d_in=4, d_sae=16, k=2))
+    sae.to(torch.bfloat16).save(tmp_path)
+    loaded = SAE.load(tmp_path)
+    assert loaded.cfg.dtype == "bfloat16" and loaded.W_enc.dtype == torch.bfloat16
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+
+def test_init_b_dec_geometric_median_and_mean():
+    torch.manual_seed(0)
+    center = torch.arange(D_IN, dtype=torch.float64)
+    sample = torch.cat([center + 0.01 * torch.randn(90, D_IN), center + 100 * torch.ones(10, D_IN)])
+    sae = make_sae(cfg_for("relu"))
+    sae.init_b_dec_(sample)
+    assert (sae.b_dec - center).norm() < 0.5  # robust to the 10% outliers
+    sae.init_b_dec_(sample, method="mean")
+    torch.testing.assert_close(sae.b_dec, sample.mean(0))
+    # Weiszfeld's fixed point: the mean of unit vectors towards the points vanishes
+    pts = torch.randn(50, 3, dtype=torch.float64)
+    med = geometric_median(pts)
+    u = (pts - med) / (pts - med).norm(dim=-1, keepdim=True)
+    assert u.sum(0).norm() < 1e-3
+    with pytest.raises(SAEToolkitError, match="method"):
+        sae.init_b_dec_(sample, method="median")  # type: ignore[arg-type]  # testing the error
+
+
+def test_topk_recovers_planted_sparse_directions():
+    """Toy superposition: 24 unit directions in 12 dims, 2 active per sample; TopK(k=2) should find them."""
+    torch.manual_seed(0)
+    n_true, d = 24, 12
+    true_dirs = torch.nn.functional.normalize(torch.randn(n_true, d), dim=-1)
+
+    def batch(n):
+        idx = torch.rand(n, n_true).topk(2, dim=-1).indices
+        coef = torch.zeros(n, n_true).scatter(-1, idx, torch.rand(n, 2) + 0.5)
+        return coef @ true_dirs
+
+    sae = make_sae(SAEConfig(arch="topk", d_in=d, d_sae=48, k=2))
+    sae.init_b_dec_(batch(512), method="mean")
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-2)
+    # tiny tensors: on a busy 2-core box thread hand-offs cost more than the math (38 ms vs 5 ms a step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(150):
+            out = sae.training_loss(batch(128))
+            opt.zero_grad()
+            out.loss.backward()
+            sae.remove_parallel_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+    finally:
+        torch.set_num_threads(threads)
+    x = batch(1024)
+    fvu = mse(x, sae(x).x_hat) / mse(x, x.mean(0))
+    best = (true_dirs @ sae.W_dec.detach().T).max(-1).values  # best cosine per planted direction
+    assert fvu < 0.15  # 0.07-0.10 over seeds 0-3; an untrained SAE is near 1
+    assert (best > 0.9).float().mean() >= 0.8
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"arch": "topk", "k": 48}, r"k=48 must be smaller than d_sae=48"),
+        ({"arch": "topk", "k": 100}, r"k=100.*d_sae=48"),
+        ({"arch": "topk"}, r"needs k"),
+        ({"arch": "batchtopk", "k": 0}, r"k=0"),
+        ({"arch": "mystery"}, r"unknown SAE arch 'mystery'"),
+        ({"arch": "relu", "d_in": 0}, r"d_in=0"),
+        ({"arch": "relu", "d_sae": -3}, r"d_sae=-3"),
+        ({"arch": "topk", "k": 16, "multi_topk": True}, r"4\*k=64 <= d_sae=48"),
+        ({"arch": "relu", "multi_topk": True}, r"multi_topk"),
+        ({"arch": "topk", "k": 4, "decoder_norm_penalty": True}, r"decoder_norm_penalty"),
+        ({"arch": "relu", "l1_coefficient": -1.0}, r"l1_coefficient=-1.0"),
+        ({"arch": "relu", "l1_coefficient": math.nan}, r"l1_coefficient=nan"),
+        ({"arch": "jumprelu", "jumprelu_bandwidth": 0.0}, r"jumprelu_bandwidth=0.0"),
+        ({"arch": "relu", "dtype": "int8"}, r"dtype='int8'"),
+        ({"arch": "batchtopk", "k": 4, "batchtopk_threshold_decay": 1.0}, r"batchtopk_threshold_decay=1.0"),
+    ],
+)
+def test_bad_configs_fail_with_clear_message(kw, match):
+    with pytest.raises(SAEToolkitError, match=match):
+        SAEConfig(**{"d_in": D_IN, "d_sae": D_SAE, **kw})
+
+
+def test_wrong_input_width_is_a_clear_error():
+    sae = make_sae(cfg_for("topk"))
+    with pytest.raises(SAEToolkitError, match=r"width 5 .*d_in=8"):
+        sae.encode(torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(SAEToolkitError, match=r"dead_mask has shape \(3,\)"):
+        sae.training_loss(torch.randn(3, D_IN), dead_mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(SAEToolkitError, match="does not exist"):
+        SAE.load(tmp_path / "nope")
+    with pytest.raises(SAEToolkitError, match="no cfg.json"):
+        SAE.load(tmp_path)
+    sae_dir = make_sae(cfg_for("jumprelu")).save(tmp_path / "s")
+    cfg_path = sae_dir / "cfg.json"
+    good = cfg_path.read_text()
+
+    cfg_path.write_text("{not json")
+    with pytest.raises(SAEToolkitError, match="not valid JSON"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(json.dumps({**json.loads(good), "arch": "sparse_magic"}))
+    with pytest.raises(SAEToolkitError, match="unknown SAE arch 'sparse_magic'"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(json.dumps({**json.loads(good), "hook_name": "blocks.0"}))
+    with pytest.raises(SAEToolkitError, match=r"unknown keys \['hook_name'\]"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "d_sae"}))
+    with pytest.raises(SAEToolkitError, match=r"lacks required keys \['d_sae'\]"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(json.dumps({**json.loads(good), "d_sae": 64}))
+    with pytest.raises(SAEToolkitError, match=r"'W_enc' has shape \(8, 48\), cfg.json implies \(8, 64\)"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(json.dumps({**json.loads(good), "arch": "gated"}))
+    with pytest.raises(SAEToolkitError, match="lack tensor 'r_mag'"):
+        SAE.load(sae_dir)
+    cfg_path.write_text(good)
+    (sae_dir / "sae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SAEToolkitError, match="cannot read"):
+        SAE.load(sae_dir)
+    (sae_dir / "sae.safetensors").unlink()
+    with pytest.raises(SAEToolkitError, match="no sae.safetensors"):
+        SAE.load(sae_dir)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from sae_toolkit.sae import base
+
+    torch.manual_seed(0)
+    result = doctest.testmod(base)
+    assert result.attempted >= 1 and result.failed == 0

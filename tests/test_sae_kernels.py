@@ -1,0 +1,185 @@
+"""Sparse kernels vs dense references: values and gradients (decode, encoder backward, TopK/BatchTopK/AuxK losses)."""
+
+import pytest
+import torch
+from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
+
+from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    # parity checks in float64 so reference and kernels agree to rounding
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _random_problem(n=7, d_in=5, d_sae=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, requires_grad=True)
+    W_enc = torch.randn(d_in, d_sae, generator=g, requires_grad=True)
+    b_enc = torch.randn(d_sae, generator=g, requires_grad=True)
+    W_dec = torch.randn(d_sae, d_in, generator=g, requires_grad=True)
+    return x, W_enc, b_enc, W_dec
+
+
+@pytest.mark.parametrize("select", ["topk", "batchtopk"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_sparse_encode_decode_match_dense(select, shift):
+    x, W_enc, b_enc, W_dec = _random_problem()
+    b_dec = torch.randn(x.shape[1], requires_grad=True)
+    if shift:  # b_dec's gradient through the kernel's matvec shortcut, x without grad
+        x = x.detach()
+        sae_in = x - b_dec.detach()
+    else:  # the general path: gradient to the encoder input itself
+        sae_in = x
+    with torch.no_grad():
+        pre = sae_in @ W_enc + b_enc
+    code = topk_code(pre, 3) if select == "topk" else batch_topk_code(pre, 3)
+    assert code.vals.numel() == 3 * x.shape[0]
+    assert torch.all(code.rows[1:] >= code.rows[:-1])  # sorted by row, as the kernels require
+    assert code.k == (3 if select == "topk" else None)
+
+    z = sparse_pre_acts(code, sae_in, W_enc, b_enc, b_dec if shift else None)
+    x_hat = sparse_decode(code._replace(vals=z), W_dec)
+    probe = torch.randn_like(x_hat)
+    wrt = [b_dec if shift else x, W_enc, b_enc, W_dec]
+    got = torch.autograd.grad((x_hat * probe).sum(), wrt)
+
+    # dense reference: same entries, full matrices
+    mask = torch.zeros_like(pre, dtype=torch.bool)
+    mask[code.rows, code.cols] = True
+    f = ((x - b_dec if shift else x) @ W_enc + b_enc) * mask
+    x_hat_ref = f @ W_dec
+    ref = torch.autograd.grad((x_hat_ref * probe).sum(), wrt)
+
+    torch.testing.assert_close(x_hat, x_hat_ref)
+    for name, a, b in zip(["b_dec" if shift else "x", "W_enc", "b_enc", "W_dec"], got, ref):
+        torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+
+
+def test_uniform_rows_fast_path_matches_general_path():
+    x, W_enc, b_enc, W_dec = _random_problem(n=9, d_sae=30, seed=2)
+    with torch.no_grad():
+        code = topk_code(x @ W_enc + b_enc, 4)
+    results = []
+    for k in (4, None):  # None forces the any-entries-per-row kernels
+        c = code._replace(k=k)
+        z = sparse_pre_acts(c, x, W_enc, b_enc)
+        x_hat = sparse_decode(c._replace(vals=z), W_dec)
+        results.append([x_hat, *torch.autograd.grad(x_hat.pow(2).sum(), [x, W_enc, b_enc, W_dec])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_kernels_pass_gradcheck_with_uneven_rows():
+    x, W_enc, b_enc, W_dec = _random_problem(n=5, d_sae=12, seed=1)
+    # rows with 0, 1 and many entries, repeated columns across rows
+    rows = torch.tensor([0, 0, 0, 2, 3, 3, 3, 3, 3])
+    cols = torch.tensor([1, 5, 11, 5, 0, 1, 2, 5, 11])
+    vals = torch.randn(9, requires_grad=True)
+    code = SparseActs(vals, rows, cols, 5)
+    assert torch.autograd.gradcheck(lambda v, W: sparse_decode(code._replace(vals=v), W), (vals, W_dec))
+
+    def enc(x, W, b):
+        pre = (x @ W + b).detach()[rows, cols]
+        return sparse_pre_acts(SparseActs(pre, rows, cols, 5), x, W, b)
+
+    assert torch.autograd.gradcheck(enc, (x, W_enc, b_enc))
+
+    def enc_shifted(b_dec, W, b):
+        sae_in = (x - b_dec).detach()
+        pre = (sae_in @ W + b).detach()[rows, cols]
+        return sparse_pre_acts(SparseActs(pre, rows, cols, 5), sae_in, W, b, b_dec)
+
+    b_dec = torch.randn(x.shape[1], requires_grad=True)
+    assert torch.autograd.gradcheck(enc_shifted, (b_dec, W_enc, b_enc))
+    # a token without active latents decodes to exactly zero
+    assert torch.equal(sparse_decode(code, W_dec)[1], torch.zeros(W_dec.shape[1]))
+
+
+def test_decoder_grad_touches_only_active_rows():
+    x, W_enc, b_enc, W_dec = _random_problem(d_sae=40)
+    with torch.no_grad():
+        pre = x @ W_enc + b_enc
+    code = topk_code(pre, 2)
+    z = sparse_pre_acts(code, x, W_enc, b_enc)
+    sparse_decode(code._replace(vals=z), W_dec).sum().backward()
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[code.cols] = False
+    assert untouched.any()
+    assert torch.all(W_dec.grad[untouched] == 0) and torch.all(W_enc.grad[:, untouched] == 0)
+    assert torch.all(W_dec.grad[~untouched].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [("topk", {}), ("topk", {"multi_topk": True}), ("batchtopk", {})],
+    ids=["topk", "multi_topk", "batchtopk"],
+)
+def test_training_loss_matches_dense_reference(arch, kw):
+    sae = randomized(arch, **kw)
+    x = torch.randn(16, sae.cfg.d_in)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    out = sae.training_loss(x, dead_mask=dead)
+    ref = topk_loss_ref(sae, x, dead)
+    assert set(out.parts) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(out.parts[name], ref[name], msg=f"loss part {name}")
+    torch.testing.assert_close(out.loss, sum(ref.values()))
+    got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_gradient_reaches_dead_encoder_columns(arch):
+    sae = randomized(arch, seed=3)
+    x = torch.randn(32, sae.cfg.d_in)
+    with torch.no_grad():
+        alive = sae.encode(x).gt(0).any(0) if arch == "topk" else sae.training_loss(x).fired
+    dead = ~alive  # latents that do not fire on this batch: only AuxK can train them
+    assert dead.sum() >= 4
+    out = sae.training_loss(x, dead_mask=dead)
+    assert out.parts["auxk"] > 0
+    got = grads_of(sae, out.parts["auxk"])
+    want = grads_of(sae, topk_loss_ref(sae, x, dead)["auxk"])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"AuxK gradient of {name}")
+    # the point of AuxK: dead latents' encoder columns, biases and decoder rows move
+    assert got["W_enc"][:, dead].abs().sum(0).gt(0).sum() >= 4
+    assert got["b_enc"][dead].abs().gt(0).sum() >= 4
+    assert got["W_dec"][dead].abs().sum(-1).gt(0).sum() >= 4
+    # and nothing reaches alive latents through AuxK
+    assert torch.all(got["W_enc"][:, alive] == 0) and torch.all(got["W_dec"][alive] == 0)
+
+
+def test_auxk_is_zero_without_dead_latents():
+    sae = randomized("topk")
+    x = torch.randn(8, sae.cfg.d_in)
+    assert sae.training_loss(x).parts["auxk"] == 0
+    assert sae.training_loss(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).parts["auxk"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_cuda_kernels_match_dense_reference(arch):
+    sae = randomized(arch, seed=5).cuda()
+    x = torch.randn(64, sae.cfg.d_in, device="cuda")
+    dead = torch.zeros(D_SAE, dtype=torch.bool, device="cuda")
+    dead[1::4] = True
+    out = sae.training_loss(x, dead_mask=dead)
+    ref = topk_loss_ref(sae, x, dead)
+    got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name}")
+    # bf16 autocast (the trainer's GPU default) runs and keeps float32 gradients
+    sae32 = randomized(arch, seed=5, dtype="float32").cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sae32.training_loss(x.float(), dead_mask=dead)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad.dtype == torch.float32 for p in sae32.parameters())
