@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_toolkit.cache import CacheConfig, _create_file, _model_dtype, _Writer, cache_activations
+from sae_toolkit.acts_writer import Writer, create_file
+from sae_toolkit.cache import CacheConfig, _model_dtype, cache_activations
 from sae_toolkit.corpus import open_corpus, token_windows, window_batches
 from sae_toolkit.hookpoints import resolve_all, run_capture
 from sae_toolkit.models import load_model
@@ -29,8 +30,18 @@ from sae_toolkit.units import parse_size, resolve_device
 
 
 def emit(name: str, tokens: int, seconds: float, **extra) -> None:
-    print(json.dumps({"measure": name, "tokens": tokens, "seconds": round(seconds, 3),
-                      "tokens_per_s": round(tokens / seconds), **extra}), flush=True)
+    print(
+        json.dumps(
+            {
+                "measure": name,
+                "tokens": tokens,
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(tokens / seconds),
+                **extra,
+            }
+        ),
+        flush=True,
+    )
 
 
 def sync(device: str) -> None:
@@ -65,9 +76,19 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=device, dtype=_model_dtype(args.dtype, device))
     sync(device)
     load_s = time.perf_counter() - t
-    print(json.dumps({"model": args.model, "hookpoint": args.hookpoint, "device": device,
-                      "model_dtype": str(next(model.parameters()).dtype), "load_s": round(load_s, 2),
-                      "threads": torch.get_num_threads()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "hookpoint": args.hookpoint,
+                "device": device,
+                "model_dtype": str(next(model.parameters()).dtype),
+                "load_s": round(load_s, 2),
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
     hookpoints = resolve_all(model, [args.hookpoint])
     t = time.perf_counter()  # a second load, as cache_activations does it (imports already done)
     load_model(args.model, device=device, dtype=_model_dtype(args.dtype, device))
@@ -100,30 +121,48 @@ def main() -> None:
 
         with torch.inference_mode():
             d = run_capture(model, hookpoints, ids[:1, :2])[args.hookpoint].shape[-1]
-        cfg = CacheConfig(model=args.model, hookpoints=[args.hookpoint], dataset=str(corpus), tokens=tokens,
-                          context_size=ctx, batch_size=bs, dtype=args.dtype, device=device,
-                          out=str(Path(tmp) / "write.h5"))
-        _create_file(Path(cfg.out), cfg, {"model": cfg.model, "dataset": cfg.dataset}, tokenizer, hookpoints,
-                     {args.hookpoint: d})
+        cfg = CacheConfig(
+            model=args.model,
+            hookpoints=[args.hookpoint],
+            dataset=str(corpus),
+            tokens=tokens,
+            context_size=ctx,
+            batch_size=bs,
+            dtype=args.dtype,
+            device=device,
+            out=str(Path(tmp) / "write.h5"),
+        )
+        create_file(
+            Path(cfg.out), cfg, {"model": cfg.model, "dataset": cfg.dataset}, tokenizer, hookpoints, {args.hookpoint: d}
+        )
         storage = np.uint16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
         rows = np.random.default_rng(0).standard_normal((bs * ctx, d)).astype(np.float32).astype(storage)
         toks = np.zeros((bs, ctx), np.int32)
         t = time.perf_counter()
-        writer = _Writer(Path(cfg.out))
+        writer = Writer(Path(cfg.out))
         for seq in range(0, cfg.n_seqs_target - bs + 1, bs):
             writer.put(seq, toks, {args.hookpoint: rows})
         writer.close()
         written = (cfg.n_seqs_target // bs) * bs * ctx
-        emit("h5py_append", written, time.perf_counter() - t, mb_per_s=round(written * d * rows.itemsize / 1e6 /
-                                                                                (time.perf_counter() - t)))
+        emit(
+            "h5py_append",
+            written,
+            time.perf_counter() - t,
+            mb_per_s=round(written * d * rows.itemsize / 1e6 / (time.perf_counter() - t)),
+        )
 
         cfg.out = str(Path(tmp) / "cache.h5")
         t = time.perf_counter()
         cache_activations(cfg)
         wall = time.perf_counter() - t
         n_cached = cfg.n_seqs_target * ctx
-        emit("cache_end_to_end", n_cached, wall, includes_model_load_s=round(reload_s, 2),
-             tokens_per_s_excluding_load=round(n_cached / max(wall - reload_s, 1e-9)))
+        emit(
+            "cache_end_to_end",
+            n_cached,
+            wall,
+            includes_model_load_s=round(reload_s, 2),
+            tokens_per_s_excluding_load=round(n_cached / max(wall - reload_s, 1e-9)),
+        )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def open_corpus(spec: str, *, split: str = "train", text_column: str | None = No
             "or a datasets.save_to_disk folder"
         )
     if path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~")) or not _HUB_ID_RE.match(spec):
-        raise SAEToolkitError(f"dataset {spec!r} does not exist; give an existing file or folder, an HF id or "
-                              f"{', '.join(BUILTIN_CORPORA)}")
+        raise SAEToolkitError(
+            f"dataset {spec!r} does not exist; give an existing file or folder, an HF id or "
+            f"{', '.join(BUILTIN_CORPORA)}"
+        )
     return _hub_documents(spec, split, text_column)
 
 
@@ -185,7 +187,7 @@ def _jsonl_documents(path: Path, text_column: str | None) -> Iterator[str]:
     except json.JSONDecodeError:
         raise SAEToolkitError(f"{path} line 1 is not JSON; a .jsonl file holds one JSON object per line") from None
     if not isinstance(record, dict):
-        raise SAEToolkitError(f"{path} line 1 is not a JSON object; each line must be like {{\"text\": \"...\"}}")
+        raise SAEToolkitError(f'{path} line 1 is not a JSON object; each line must be like {{"text": "..."}}')
     column = pick_text_column(list(record), text_column, str(path))
 
     def documents() -> Iterator[str]:

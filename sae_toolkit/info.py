@@ -15,7 +15,7 @@ def describe(path: str) -> str:
     """
     import h5py
 
-    from sae_toolkit.cache import read_root_attrs
+    from sae_toolkit.acts_writer import read_root_attrs
 
     file = Path(path).expanduser()
     if not file.is_file():

@@ -27,15 +27,22 @@ TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 
 def small_config(out, **kw) -> CacheConfig:
-    base = dict(model="tiny-llama", hookpoints=["mlp_out.1"], dataset="builtin:pydoc", tokens=12 * 32,
-                context_size=32, batch_size=5, device="cpu", out=str(out))
+    base = dict(
+        model="tiny-llama",
+        hookpoints=["mlp_out.1"],
+        dataset="builtin:pydoc",
+        tokens=12 * 32,
+        context_size=32,
+        batch_size=5,
+        device="cpu",
+        out=str(out),
+    )
     return CacheConfig(**{**base, **kw})
 
 
 def read_all(path):
     with h5py.File(path, "r") as f:
-        return {"attrs": dict(f.attrs), "tokens": f["tokens"][:],
-                **{f"acts/{k}": v[:] for k, v in f["acts"].items()}}
+        return {"attrs": dict(f.attrs), "tokens": f["tokens"][:], **{f"acts/{k}": v[:] for k, v in f["acts"].items()}}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -50,12 +57,22 @@ def test_rows_equal_a_plain_hook_for_every_window(tmp_path, spec, block, dtype):
     with h5py.File(path, "r") as f:
         assert f.attrs["n_seqs"] == 12 and f.attrs["n_seqs_target"] == 12
         assert np.array_equal(f["tokens"][:], windows)  # stored tokens = what the tokenizer produced
-        for name, (module, io) in zip(hookpoints, [(f"{block}.1.mlp", "output"),
-                                                    (f"{block}.2.mlp.{'down_proj' if 'llama' in spec else 'c_proj'}",
-                                                     "input"), (f"{block}.3", "input")]):
+        for name, (module, io) in zip(
+            hookpoints,
+            [
+                (f"{block}.1.mlp", "output"),
+                (f"{block}.2.mlp.{'down_proj' if 'llama' in spec else 'c_proj'}", "input"),
+                (f"{block}.3", "input"),
+            ],
+        ):
             dset = f["acts"][name]
-            assert dict(dset.attrs) == {"hookpoint": name, "module": module, "io": io,
-                                        "d": dset.shape[1], "dtype": dtype}
+            assert dict(dset.attrs) == {
+                "hookpoint": name,
+                "module": module,
+                "io": io,
+                "d": dset.shape[1],
+                "dtype": dtype,
+            }
             assert dset.dtype == (np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
             ref = direct_capture(model, module, io, torch.from_numpy(windows).long())  # [12, 32, d]
             got = decode_rows(dset[:], dtype).reshape(ref.shape)
@@ -65,16 +82,39 @@ def test_rows_equal_a_plain_hook_for_every_window(tmp_path, spec, block, dtype):
 
 def test_cli_cache_then_info_and_plain_h5py(tmp_path, capsys):
     out = tmp_path / "a.h5"
-    argv = ["cache", "--model", "tiny-gptneox", "--hookpoint", "mlp_out.2", "--hookpoint", "attn_out.0",
-            "--dataset", "builtin:pydoc", "--tokens", "1k", "--context-size", "64", "--device", "cpu",
-            "--out", str(out)]
+    argv = [
+        "cache",
+        "--model",
+        "tiny-gptneox",
+        "--hookpoint",
+        "mlp_out.2",
+        "--hookpoint",
+        "attn_out.0",
+        "--dataset",
+        "builtin:pydoc",
+        "--tokens",
+        "1k",
+        "--context-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert f"wrote activations to {out}" in capsys.readouterr().out
     assert cli.main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    for part in ("tiny-gptneox", "builtin:pydoc", "64 tokens per sequence", "16 sequences = 1,024 tokens",
-                 "complete", "mlp_out.2", "gpt_neox.layers.2.mlp (output), d=64, float16",
-                 "gpt_neox.layers.0.attention (output)"):
+    for part in (
+        "tiny-gptneox",
+        "builtin:pydoc",
+        "64 tokens per sequence",
+        "16 sequences = 1,024 tokens",
+        "complete",
+        "mlp_out.2",
+        "gpt_neox.layers.2.mlp (output), d=64, float16",
+        "gpt_neox.layers.0.attention (output)",
+    ):
         assert part in text, part
     with h5py.File(out, "r") as f:  # DESIGN §3: plain h5py is enough
         assert f.attrs["format"] == "sae_toolkit.activations" and f.attrs["format_version"] == 1
@@ -110,13 +150,33 @@ def _peek_n_seqs(path: Path) -> int:
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    args = ["--model", "tiny-llama", "--hookpoint", "mlp_out.1", "--hookpoint", "mlp_hidden.2",
-            "--dataset", "builtin:pydoc", "--tokens", "8k", "--context-size", "32", "--batch-size", "4",
-            "--device", "cpu"]
+    args = [
+        "--model",
+        "tiny-llama",
+        "--hookpoint",
+        "mlp_out.1",
+        "--hookpoint",
+        "mlp_hidden.2",
+        "--dataset",
+        "builtin:pydoc",
+        "--tokens",
+        "8k",
+        "--context-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     killed, full = tmp_path / "killed.h5", tmp_path / "full.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sae_toolkit", "cache", *args, "--out", str(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sae_toolkit", "cache", *args, "--out", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if killed.exists() and _peek_n_seqs(killed) > 0:
@@ -235,8 +295,17 @@ def test_corpus_running_out_keeps_what_there_is(tmp_path, capsys):
 
 @pytest.mark.realmodel
 def test_smollm2_on_pydoc(tmp_path):
-    path = cache_activations(CacheConfig(model="smollm2-135m", hookpoints=["mlp_out.3"], dataset="builtin:pydoc",
-                                         tokens=64, context_size=32, device="cpu", out=str(tmp_path / "s.h5")))
+    path = cache_activations(
+        CacheConfig(
+            model="smollm2-135m",
+            hookpoints=["mlp_out.3"],
+            dataset="builtin:pydoc",
+            tokens=64,
+            context_size=32,
+            device="cpu",
+            out=str(tmp_path / "s.h5"),
+        )
+    )
     with h5py.File(path, "r") as f:
         acts = f["acts/mlp_out.3"][:].astype(np.float32)
         assert f.attrs["n_seqs"] == 2 and f.attrs["bos_token_id"] == 1 and f["tokens"][1][0] == 1

@@ -36,8 +36,12 @@ def test_local_files_give_the_documents_in_order(files, kind):
 
 def test_save_to_disk_folder_with_splits(tmp_path):
     datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": DOCS}),
-                               "test": datasets.Dataset.from_dict({"content": DOCS[:1]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": DOCS}),
+            "test": datasets.Dataset.from_dict({"content": DOCS[:1]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     assert list(open_corpus(str(tmp_path / "ds"))) == DOCS
     assert list(open_corpus(str(tmp_path / "ds"), split="test")) == DOCS[:1]

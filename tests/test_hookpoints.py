@@ -76,8 +76,10 @@ def test_capture_equals_plain_hook_with_and_without_early_stop(models, spec):
 def test_early_stop_skips_later_layers_and_the_head(models):
     model = models["tiny-llama"]
     calls = []
-    handles = [model.model.layers[3].register_forward_hook(lambda *a: calls.append("layer3")),
-               model.lm_head.register_forward_hook(lambda *a: calls.append("head"))]
+    handles = [
+        model.model.layers[3].register_forward_hook(lambda *a: calls.append("layer3")),
+        model.lm_head.register_forward_hook(lambda *a: calls.append("head")),
+    ]
     try:
         run_capture(model, [resolve(model, "mlp_out.1")], ids(), stop_early=True)
         assert calls == []

@@ -124,6 +124,14 @@ def test_smollm2_builtin_loads_from_the_dequantized_cache():
     assert tokenizer.decode(logits.argmax()).strip() == "Paris"
     real = model.config
     fake = models._config_of("smollm2-135m")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "tie_word_embeddings", "rms_norm_eps"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+    ):
         assert getattr(real, key) == pytest.approx(getattr(fake, key)), key

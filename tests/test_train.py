@@ -254,3 +254,30 @@ def test_cuda_bf16_autocast_keeps_fp32_master_weights(small, tmp_path):
     assert trainer.sae.W_enc.dtype == torch.float32
     assert next(iter(trainer.opt.state.values()))["exp_avg"].dtype == torch.float32
     assert read_metrics(run)[-1]["fvu"] < read_metrics(run)[0]["fvu"]
+
+
+def test_missing_optional_logger_is_a_clear_error(small, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail as if it were not installed
+    with pytest.raises(SAEToolkitError, match=r"needs wandb: pip install 'sae-toolkit\[wandb\]'"):
+        train_sae(_cfg(small, tmp_path / "run", logger="wandb", tokens=128 * 2))
+
+
+def test_logged_metrics_follow_the_design_formulas(small, tmp_path):
+    trainer = Trainer(_cfg(small, tmp_path / "run", arch="relu"))
+    try:
+        x = trainer.store.next_batch()
+        out = trainer.train_one(x)
+        trainer.step += 1
+        trainer.log(x, out)
+    finally:
+        trainer.store.close()
+    row = read_metrics(tmp_path / "run")[-1]
+    err = (x - out.x_hat).pow(2).sum().item()
+    assert row["fvu"] == pytest.approx(err / (x - x.mean(0)).pow(2).sum().item(), rel=1e-5)
+    assert row["mse"] == pytest.approx(err / x.numel(), rel=1e-5)
+    assert row["l0"] == pytest.approx(out.l0.item()) and row["dead_fraction"] == 0.0
+    assert row["lr"] == trainer.opt.param_groups[0]["lr"] and row["sparsity_scale"] == pytest.approx(1 / 2)
+    assert row["loss"] == pytest.approx(row["loss_mse"] + row["loss_l1"], rel=1e-6)
+    assert (row["step"], row["tokens"]) == (1, 128)
