@@ -33,7 +33,7 @@ h4 { font-size:13px; margin:10px 0 4px; color:var(--muted); text-transform:upper
 .card .v { font-size:18px; font-weight:600; font-variant-numeric:tabular-nums; }
 .card .k { color:var(--muted); font-size:12px; }
 .plots { display:flex; flex-wrap:wrap; gap:10px; }
-.plots img { height:165px; border:1px solid var(--line); border-radius:6px; background:#fff; }
+.plots img { height:150px; border:1px solid var(--line); border-radius:6px; background:#fff; }
 #browser { display:grid; grid-template-columns:290px 1fr; gap:14px; align-items:start; }
 #side { border:1px solid var(--line); border-radius:8px; overflow:hidden; }
 #side .ctl { padding:8px; background:var(--bg); border-bottom:1px solid var(--line); display:flex; gap:6px;

@@ -239,7 +239,7 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
         (folder / f"{name}.png").write_bytes(pngs[name])
 
     hist = metrics["density_histogram"]
-    fig, ax = plt.subplots(figsize=(4.6, 2.9))
+    fig, ax = plt.subplots(figsize=(4.2, 2.7))
     edges = hist["log10_edges"]
     ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge", color="#0b6bcb")
     ax.set(xlabel="log10(density + 1e-10)", ylabel="latents",
@@ -247,7 +247,7 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
     save("density_histogram", fig)
 
     l0 = metrics["l0_histogram"]["counts"]
-    fig, ax = plt.subplots(figsize=(4.6, 2.9))
+    fig, ax = plt.subplots(figsize=(4.2, 2.7))
     ax.bar(range(len(l0)), l0, width=1.0, color="#1a7f37")
     ax.set(xlabel="active latents per token", ylabel="tokens", title=f"L0 (mean {metrics['l0']:.1f})")
     save("l0_histogram", fig)
@@ -255,7 +255,7 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
     dens = res.metrics.density.numpy()
     alive = dens > 0
     if alive.any():
-        fig, ax = plt.subplots(figsize=(4.6, 2.9))
+        fig, ax = plt.subplots(figsize=(4.2, 2.7))
         ax.scatter(torch.log10(res.metrics.density[alive]).numpy(), res.metrics.act_max.numpy()[alive], s=4,
                    alpha=0.5, color="#8250df")
         ax.set(xlabel="log10 density", ylabel="max activation", title="Alive latents")
@@ -264,12 +264,13 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
     curves = _training_curves(run_dir)
     if curves:
         keys = [k for k in ("loss", "fvu", "l0", "dead_fraction") if k in curves]
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.1 * len(keys), 2.9), squeeze=False)
+        fig, axes = plt.subplots(1, len(keys), figsize=(2.1 * len(keys), 2.7), squeeze=False)
         x_key = "tokens" if "tokens" in curves else "step"
         for ax, k in zip(axes[0], keys):
             xs, ys = zip(*[(x, y) for x, y in zip(curves[x_key], curves[k]) if y is not None])
             ax.plot(xs, ys, color="#cf222e")
-            ax.set(xlabel=x_key, title=k)
+            ax.set(xlabel=f"training {x_key}", title=k)
+            ax.tick_params(labelsize=7)
             if k in ("loss", "fvu") and min(ys) > 0:
                 ax.set_yscale("log")
         fig.tight_layout()

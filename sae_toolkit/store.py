@@ -106,9 +106,18 @@ class ActivationStore:
                                   "by `sae-toolkit cache`") from None
         try:
             self._open(hookpoint, seq_range, exclude_bos, block_rows)
+            self._prepare(in_memory, buffer_blocks, normalize, norm_sample)
         except BaseException:
             self._file.close()
             raise
+        self.rows_done = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    def _prepare(self, in_memory: bool | Literal["auto"], buffer_blocks: int, normalize: bool,
+                 norm_sample: int) -> None:
+        """Choose streaming or in-memory, size the shuffle buffer, estimate the normalization scale."""
         n_usable_bytes = self.n_rows * self.d_in * 4
         if in_memory == "auto":
             in_memory = n_usable_bytes <= _AUTO_IN_MEMORY_BYTES
@@ -118,6 +127,7 @@ class ActivationStore:
         min_blocks = math.ceil(4 * self.batch_size / max(1, self._block_rows))
         self.buffer_blocks = min(len(self._blocks), max(self.buffer_blocks, min_blocks))
         self._memory: np.ndarray | None = None
+        self._sample_grid: tuple[list[tuple[int, int]], np.ndarray] | None = None
         if self.in_memory:
             # Usable rows in file order; block b's rows start at _block_first[b].
             self._memory = np.concatenate([self._read_rows(lo, hi) for lo, hi in self._blocks])
@@ -127,13 +137,9 @@ class ActivationStore:
             raw = self.sample(norm_sample, seed=self.seed + 7919, normalized=False)
             mean_norm = raw.norm(dim=1).mean().item()
             if not mean_norm > 0:
-                raise SAEToolkitError(f"acts/{hookpoint} rows sampled from {self.path} are all zero; cannot "
+                raise SAEToolkitError(f"acts/{self.hookpoint} rows sampled from {self.path} are all zero; cannot "
                                       "normalize — check the file or train with normalize=False")
             self.scale = math.sqrt(self.d_in) / mean_norm
-        self.rows_done = 0
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
 
     # ---- opening and validating the file ----
 
@@ -189,20 +195,24 @@ class ActivationStore:
             raise SAEToolkitError(f"acts/{hookpoint} in {where!r} has {self.n_rows} usable rows (sequences "
                                   f"{start}..{stop}, BOS excluded) — fewer than one batch of {self.batch_size}; "
                                   "lower --batch-size or cache more tokens")
-        chunk = self._dset.chunks[0] if self._dset.chunks else 1
+        self._chunk_rows = int(self._dset.chunks[0]) if self._dset.chunks else 1
         if block_rows is None:
             row_bytes = self.d_in * self._dset.dtype.itemsize
-            block_rows = chunk * max(1, _BLOCK_BYTES // (row_bytes * chunk))
+            block_rows = self._chunk_rows * max(1, _BLOCK_BYTES // (row_bytes * self._chunk_rows))
         self._block_rows = int(block_rows)
-        # Block edges on a global grid (multiples of block_rows), so blocks stay aligned to chunks even when
-        # seq_range starts mid-chunk; the first and last block are clipped to the range.
-        edges = range((self._row_start // self._block_rows + 1) * self._block_rows, self._row_stop,
-                      self._block_rows)
+        self._blocks, self._block_counts = self._grid(self._block_rows)
+
+    def _grid(self, size: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """Row ranges `[lo, hi)` holding usable rows, cut at multiples of `size`, and their usable-row counts.
+
+        Edges lie on a global grid, so blocks stay aligned to chunks even when seq_range starts mid-chunk;
+        the first and last block are clipped to the range.
+        """
+        edges = range((self._row_start // size + 1) * size, self._row_stop, size)
         bounds = [self._row_start, *edges, self._row_stop]
-        blocks = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        keep_counts = [int(self._keep[lo - self._row_start:hi - self._row_start].sum()) for lo, hi in blocks]
-        self._blocks = [b for b, n in zip(blocks, keep_counts) if n > 0]
-        self._block_counts = np.array([n for n in keep_counts if n > 0], dtype=np.int64)
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        counts = np.add.reduceat(self._keep, np.array(bounds[:-1]) - self._row_start).astype(np.int64)
+        return [b for b, c in zip(blocks, counts) if c > 0], counts[counts > 0]
 
     def _read_rows(self, lo: int, hi: int) -> np.ndarray:
         """Usable rows of `[lo, hi)` read from the file as float32 `[n, d_in]`; raises on non-finite values."""
@@ -337,21 +347,24 @@ class ActivationStore:
         return self.rows_done / self.n_rows
 
     def sample(self, n: int, *, seed: int = 0, normalized: bool = True) -> torch.Tensor:
-        """`n` usable rows `[n, d_in]` float32 on CPU, from random blocks; a function of `seed` only.
+        """`n` usable rows `[n, d_in]` float32 on CPU, from random chunks of the file; a function of `seed` only.
 
         For initialising `b_dec`, estimating `scale` and resampling dead latents. `normalized` applies `scale`.
         With fewer usable rows than `n`, returns all of them.
         """
         rng = np.random.default_rng([self.seed, 1_000_003, seed])
-        order = rng.permutation(len(self._blocks))
         need = min(n, self.n_rows)
-        cum = np.cumsum(self._block_counts[order])
-        chosen = order[: int(np.searchsorted(cum, need)) + 1]
         if self._memory is not None:
-            rows = np.concatenate([self._memory[self._block_first[b]:self._block_first[b] + self._block_counts[b]]
-                                   for b in chosen])
+            rows = self._memory[np.sort(rng.choice(self.n_rows, size=need, replace=False))]
         else:
-            rows = np.concatenate([self._read_rows(*self._blocks[b]) for b in chosen])
+            # Whole chunks (the cheapest unit to read) from random places: rows from many sequences, unlike
+            # a few big blocks, at one chunk read per chunk.
+            if self._sample_grid is None:
+                self._sample_grid = self._grid(self._chunk_rows)
+            windows, counts = self._sample_grid
+            order = rng.permutation(len(windows))
+            chosen = np.sort(order[: int(np.searchsorted(np.cumsum(counts[order]), need)) + 1])
+            rows = np.concatenate([self._read_rows(*windows[w]) for w in chosen])
         rows = rows[rng.permutation(len(rows))[:need]]
         x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         return x * self.scale if normalized else x

@@ -199,10 +199,10 @@ class Trainer:
               f"on {self.device} → {self.run_dir}")
         bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
                    unit_scale=True, desc=f"train {cfg.arch}", dynamic_ncols=True)
-        self._open_loggers()
         self._tick = (time.perf_counter(), self.step)
         last_saved = self.step
         try:
+            self._open_loggers()
             while self.step < self.total_steps:
                 if self.step in self.resample_steps:
                     self.resample(bar)
@@ -273,12 +273,13 @@ class Trainer:
         self._tick = (now, self.step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        for logger in self._loggers:
-            logger(row)
+        for log_row, _ in self._loggers:
+            log_row(row)
         return {"loss": f"{row['loss']:.4g}", "fvu": f"{row['fvu']:.3f}", "l0": f"{row['l0']:.1f}",
                 "dead": f"{row['dead_fraction']:.1%}"}
 
     def _open_loggers(self) -> None:
+        """Optional external loggers, each a `(log(row), close())` pair."""
         name = self.cfg.run_name or self.run_dir.name
         if self.cfg.logger == "wandb":
             try:
@@ -286,8 +287,7 @@ class Trainer:
             except ImportError:
                 raise SAEToolkitError("logger='wandb' needs wandb: pip install 'sae-toolkit[wandb]'") from None
             run = wandb.init(project=self.cfg.wandb_project, name=name, config=self.cfg.to_dict(), resume="allow")
-            self._loggers.append(lambda row: run.log(row, step=row["step"]))
-            self._closers = [run.finish]
+            self._loggers.append((lambda row: run.log(row, step=row["step"]), run.finish))
         elif self.cfg.logger == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -295,14 +295,18 @@ class Trainer:
                 raise SAEToolkitError("logger='tensorboard' needs tensorboard: pip install "
                                       "'sae-toolkit[tensorboard]'") from None
             writer = SummaryWriter(str(self.run_dir / "tensorboard" / name))
-            self._loggers.append(lambda row: [writer.add_scalar(k, v, row["step"]) for k, v in row.items()
-                                              if k != "step"])
-            self._closers = [writer.close]
+
+            def log_scalars(row: dict[str, float]) -> None:
+                for key, value in row.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, row["step"])
+
+            self._loggers.append((log_scalars, writer.close))
 
     def _close_loggers(self) -> None:
-        for close in getattr(self, "_closers", []):
+        for _, close in self._loggers:
             close()
-        self._loggers, self._closers = [], []
+        self._loggers = []
 
     # ---- checkpoints and the final SAE ----
 

@@ -43,7 +43,7 @@ def test_each_metric_matches_a_direct_computation():
     assert m["relative_reconstruction_bias"] == pytest.approx(
         (x_hat.pow(2).sum() / (x * x_hat).sum()).item(), rel=1e-12)
     assert m["l0"] == pytest.approx(fires.sum(-1).double().mean().item(), rel=1e-12)
-    assert m["l1"] == pytest.approx(f.sum(-1).mean().item(), rel=1e-12)
+    assert m["l1"] == pytest.approx(f.sum(-1).mean().item(), rel=1e-6)  # latents reduce in float32 per token
     assert m["dead_fraction"] == pytest.approx(5 / 40) and m["n_dead"] == 5
 
 

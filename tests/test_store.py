@@ -160,3 +160,11 @@ def test_error_fewer_rows_than_a_batch(tmp_path):
         ActivationStore(path, "mlp_out.0", batch_size=301)
     with pytest.raises(SAEToolkitError, match="seq_range"):
         ActivationStore(path, "mlp_out.0", batch_size=8, seq_range=(3, 99))
+
+
+def test_error_normalizing_all_zero_rows(tmp_path):
+    path = write_acts(tmp_path / "z.h5", {"hp": np.zeros((N_SEQS * CTX, D), np.float32)}, context_size=CTX)
+    with pytest.raises(SAEToolkitError, match="all zero; cannot normalize"):
+        ActivationStore(path, "hp", batch_size=8, normalize=True)
+    with ActivationStore(path, "hp", batch_size=8) as store:  # without normalization they are just data
+        assert store.next_batch().abs().sum() == 0

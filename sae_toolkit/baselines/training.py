@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -101,6 +102,32 @@ def train_autoencoder(
 
     from tqdm.auto import tqdm
 
+    with _few_threads(model, device):
+        return _fit(model, Xt, Xv, n_epochs, batch_size, lr, device, loss, weight_decay, clip_norm, lr_patience,
+                    early_stopping, seed, verbose, tqdm)
+
+
+@contextlib.contextmanager
+def _few_threads(model: nn.Module, device: str):
+    """One intra-op thread for small models on CPU, restored afterwards.
+
+    Tiny MLPs are bound by per-step Python overhead; extra intra-op threads only add synchronisation, and on a
+    busy 2-core machine they made a 250-row detector fit 27× slower (80 s vs 3 s, measured in the notes).
+    """
+    small = sum(p.numel() for p in model.parameters()) < 100_000
+    if not (small and str(device).startswith("cpu")):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(model, Xt, Xv, n_epochs, batch_size, lr, device, loss, weight_decay, clip_norm, lr_patience,
+         early_stopping, seed, verbose, tqdm) -> dict:
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     # `verbose=` was removed from ReduceLROnPlateau in torch 2.7; the progress bar shows lr instead
