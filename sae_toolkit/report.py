@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sae_toolkit import __version__
@@ -132,14 +133,29 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             records.append(rec)
 
-    plots = _plots(out / "plots", metrics, res, run_dir)
-    from sae_toolkit.html import render
-
-    page = render(_page_data(metrics, table, records, plots, lens, html_examples))
-    (out / "report.html").write_text(page, encoding="utf-8")
+    _write_page(out, metrics, table, records, run_dir, html_examples)
     write_saebench(out / "exports" / "saebench_core.json", sae, metrics, table)
     write_neuronpedia(out / "exports" / "neuronpedia", sae, metrics, records)
     return out
+
+
+def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: Path | None,
+                html_examples: int) -> None:
+    from sae_toolkit.html import render
+
+    plots = _plots(out / "plots", metrics, table, run_dir)
+    page = render(_page_data(metrics, table, records, plots, html_examples))
+    (out / "report.html").write_text(page, encoding="utf-8")
+
+
+def rebuild_html(path: str | Path, html_examples: int = 10) -> Path:
+    """Redraw plots/ and report.html of an existing report directory from its own files (no SAE, model or
+    activation file needed), e.g. after upgrading sae-toolkit; returns the page's path."""
+    rep = load_report(path)
+    run_dir = Path(rep.metrics["run_dir"]) if rep.metrics.get("run_dir") else None
+    records = [rep.top_activations[i] for i in sorted(rep.top_activations)]
+    _write_page(rep.path, rep.metrics, rep.features, records, run_dir, html_examples)
+    return rep.path / "report.html"
 
 
 def load_report(path: str | Path) -> Report:
@@ -218,7 +234,7 @@ def _round_examples(rec: dict) -> None:
         ex["activation"] = float(f"{ex['activation']:.6g}")
 
 
-def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict[str, bytes]:
+def _plots(folder: Path, metrics: dict, table, run_dir: Path | None) -> dict[str, bytes]:
     """plots/*.png; returns name → PNG bytes for the page. Skipped (empty) without matplotlib."""
     try:
         import matplotlib
@@ -252,12 +268,10 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
     ax.set(xlabel="active latents per token", ylabel="tokens", title=f"L0 (mean {metrics['l0']:.1f})")
     save("l0_histogram", fig)
 
-    dens = res.metrics.density.numpy()
-    alive = dens > 0
-    if alive.any():
+    alive = table[table["density"] > 0]
+    if len(alive):
         fig, ax = plt.subplots(figsize=(4.2, 2.7))
-        ax.scatter(torch.log10(res.metrics.density[alive]).numpy(), res.metrics.act_max.numpy()[alive], s=4,
-                   alpha=0.5, color="#8250df")
+        ax.scatter(np.log10(alive["density"]), alive["max_activation"], s=4, alpha=0.5, color="#8250df")
         ax.set(xlabel="log10 density", ylabel="max activation", title="Alive latents")
         save("density_vs_max", fig)
 
@@ -266,10 +280,11 @@ def _plots(folder: Path, metrics: dict, res: Scan, run_dir: Path | None) -> dict
         keys = [k for k in ("loss", "fvu", "l0", "dead_fraction") if k in curves]
         fig, axes = plt.subplots(1, len(keys), figsize=(2.1 * len(keys), 2.7), squeeze=False)
         x_key = "tokens" if "tokens" in curves else "step"
+        scale = 1e6 if max(v for v in curves[x_key] if v is not None) >= 1e5 else 1.0
         for ax, k in zip(axes[0], keys):
-            xs, ys = zip(*[(x, y) for x, y in zip(curves[x_key], curves[k]) if y is not None])
+            xs, ys = zip(*[(x / scale, y) for x, y in zip(curves[x_key], curves[k]) if x is not None and y is not None])
             ax.plot(xs, ys, color="#cf222e")
-            ax.set(xlabel=f"training {x_key}", title=k)
+            ax.set(xlabel=f"training {x_key}" + (" (M)" if scale > 1 else ""), title=k)
             ax.tick_params(labelsize=7)
             if k in ("loss", "fvu") and min(ys) > 0:
                 ax.set_yscale("log")
@@ -296,8 +311,7 @@ def _training_curves(run_dir: Path | None) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes], lens: LogitLens | None,
-               html_examples: int) -> dict:
+def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes], html_examples: int) -> dict:
     """What report.html embeds: token strings interned in one vocab list to keep the page small."""
     from sae_toolkit.html import finite, png_data_uri
 
@@ -325,14 +339,15 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         if rec["examples"]:
             examples[i] = {"top": [ex_row(e) for e in rec["examples"][:per_latent]],
                            "intervals": [ex_row(e) for e in _one_per_interval(rec["interval_examples"])]}
-        if lens is not None:
+        if "logit_pos" in rec:
             lens_data[i] = {"pos": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_pos"]],
                             "neg": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_neg"]]}
     m = metrics
     pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.1%}"
     num = lambda v, d=3: "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
+    sig = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
     cards = [("explained variance", num(m["explained_variance"])), ("FVU", num(m["fvu"])), ("L0", num(m["l0"], 1)),
-             ("dead latents", pct(m["dead_fraction"])), ("MSE", f"{m['mse']:.3g}"),
+             ("dead latents", pct(m["dead_fraction"])), ("MSE", sig(m["mse"])),
              ("cosine sim", num(m["cosine_sim"])), ("L2 ratio", num(m["l2_ratio"]))]
     if "ce_clean" in m:
         cards += [("CE loss recovered", num(m["ce_loss_recovered"])), ("Δ CE (nats)", num(m["delta_ce"])),

@@ -73,7 +73,7 @@ def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Te
 
 def _transpose_bags(rows: Tensor, cols: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """Re-sort COO entries by column: (order, rows in that order, offsets of each column's bag)."""
-    order = cols.argsort()
+    order = cols.argsort(stable=True)  # stable sort of ints takes the radix-sort path on CPU
     return order, rows[order], _offsets(cols[order], n_cols)
 
 
@@ -87,6 +87,10 @@ def _gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int | None)
     """out[n] = g[rows[n]] · W[cols[n]] → [nnz], gathered in bounded chunks (no [nnz, d_in] intermediate)."""
     n, d = g.shape[0], g.shape[1]
     dtype = torch.promote_types(g.dtype, W.dtype)
+    if g.device.type == "cpu":
+        # On CPU one dense GEMM (g Wᵀ, the cost of the encoder forward) and a gather beat thousands of small
+        # gathers + bmms: 25 ms vs 3.0 s for a TopK step with AuxK (k_aux 288), d_in 576, d_sae 4608, batch 1024.
+        return _gather_dot_dense(g.to(dtype), W.to(dtype), rows, cols)
     out = torch.empty(cols.shape[0], device=g.device, dtype=dtype)
     if k is not None:  # k entries per row: gather W rows only, batch the dot products per token
         step = max(1, _chunk_elements(g.device) // (k * d))
@@ -98,6 +102,20 @@ def _gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int | None)
     step = max(1, _chunk_elements(g.device) // d)
     for s in range(0, cols.shape[0], step):
         out[s : s + step] = (g[rows[s : s + step]].to(dtype) * W[cols[s : s + step]]).sum(-1)
+    return out
+
+
+def _gather_dot_dense(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """out[n] = (g Wᵀ)[rows[n], cols[n]] → [nnz]; g Wᵀ formed in row blocks of at most 2^24 elements."""
+    n_rows, n_cols = g.shape[0], W.shape[0]
+    step = max(1, (1 << 24) // n_cols)
+    if n_rows <= step:
+        return (g @ W.t())[rows, cols]
+    out = torch.empty(cols.shape[0], device=g.device, dtype=g.dtype)
+    bounds = torch.searchsorted(rows, torch.arange(0, n_rows + step, step, device=rows.device)).tolist()
+    for b, s in enumerate(range(0, n_rows, step)):
+        lo, hi = bounds[b], bounds[b + 1]
+        out[lo:hi] = (g[s : s + step] @ W.t())[rows[lo:hi] - s, cols[lo:hi]]
     return out
 
 
