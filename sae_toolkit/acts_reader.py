@@ -73,6 +73,7 @@ class ActsReader:
             special |= set(getattr(self.tokenizer, "all_special_ids", []) or [])
         self.special_ids = torch.tensor(sorted(special), dtype=torch.int64)
         self._strings: dict[int, str] = {}
+        self._toks: dict[int, list[int]] = {}
 
     def chunks(self, seqs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(seq_ids [s], tokens [s, seq] int64, acts [s*seq, d] float32) for whole windows of the range."""
@@ -112,7 +113,7 @@ class ActsReader:
 
     def tokens_of(self, seq: int, start: int, stop: int) -> list[str]:
         """Token strings of positions start..stop-1 of sequence seq."""
-        row = self._toks[seq] if seq in getattr(self, "_toks", {}) else self.tokens([seq])[0].tolist()
+        row = self._toks[seq] if seq in self._toks else self.tokens([seq])[0].tolist()
         return [self.decode(t) for t in row[start:stop]]
 
     def close(self) -> None:

@@ -249,7 +249,7 @@ def _plots(folder: Path, metrics: dict, table, run_dir: Path | None) -> dict[str
 
     def save(name: str, fig) -> None:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
         pngs[name] = buf.getvalue()
         (folder / f"{name}.png").write_bytes(pngs[name])

@@ -1,6 +1,7 @@
 """Autoencoder fraud detection on synthetic card transactions, offline, in well under a minute on a CPU.
 
-    python scripts/fraud_demo.py [--out fraud_demo_out] [--transactions 40000] [--seeds 0]
+    python scripts/fraud_demo.py [--out fraud_demo_out] [--transactions 40000] [--train-rows 5000] [--epochs 100]
+                                 [--seeds 0 1 2] [--quiet]
 
 Fits the detector on normal transactions, calibrates its threshold on a few labelled frauds, saves the ROC plot,
 compares encoder features with raw features for a few-label classifier, and prints the detector against
@@ -8,18 +9,26 @@ IsolationForest, LocalOutlierFactor and OneClassSVM.
 """
 
 import argparse
+import sys
 
 from sae_toolkit.baselines import format_table
 from sae_toolkit.baselines.demo import fraud_demo
+from sae_toolkit.errors import SAEToolkitError
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="fraud_demo_out", help="folder for fraud_roc.png")
 parser.add_argument("--transactions", type=int, default=40_000, help="synthetic transactions to generate")
+parser.add_argument("--train-rows", type=int, default=5000, help="normal past transactions the detector fits on")
+parser.add_argument("--epochs", type=int, default=100, help="maximum training epochs (early stopping may end sooner)")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the comparison table")
 parser.add_argument("--quiet", action="store_true", help="no progress bars")
 args = parser.parse_args()
 
-r = fraud_demo(args.out, n_transactions=args.transactions, seeds=tuple(args.seeds), verbose=not args.quiet)
+try:
+    r = fraud_demo(args.out, n_transactions=args.transactions, max_train_rows=args.train_rows,
+                   seeds=tuple(args.seeds), n_epochs=args.epochs, verbose=not args.quiet)
+except SAEToolkitError as e:
+    sys.exit(f"error: {e}")
 
 
 def line(name, rep):
@@ -35,7 +44,8 @@ print(f"calibration on the labelled past: precision {r.calibration.precision:.1%
 print("\n== few labels: classifier on encoder features vs raw features (test AUC-PR) ==")
 for s, features in zip(r.semi_supervised, ["latent", "latent+score"] * 2):
     print(f"{s.classifier:<18} {features:<13} {s.n_labeled} labels ({s.n_labeled_positive} frauds): "
-          f"features {s.auc_pr_latent:.4f}  raw {s.auc_pr_raw:.4f}  (AUC-ROC {s.auc_roc_latent:.4f} vs {s.auc_roc_raw:.4f})")
+          f"features {s.auc_pr_latent:.4f}  raw {s.auc_pr_raw:.4f}  "
+          f"(AUC-ROC {s.auc_roc_latent:.4f} vs {s.auc_roc_raw:.4f})")
 print("\n== comparison on synthetic fraud (same splits for every detector) ==")
 print(format_table(r.comparison))
 print(f"\nwrote {r.roc_path}")

@@ -54,21 +54,25 @@ def random_file(path: Path, *, n_seqs: int = 12, ctx: int = 16, d: int = 16, voc
     return write_acts(path, acts, tokens, **kw), acts, tokens
 
 
-def brute_force_top(f: torch.Tensor, valid: torch.Tensor, k: int) -> list[list[tuple[int, int, float]]]:
-    """Per latent: the k sequences with the largest peak (value > 0) as (seq, position, value), best first.
+def brute_force_top(f: torch.Tensor, valid: torch.Tensor, k: int, sep: int = 16) -> list[list[tuple[int, int, float]]]:
+    """Per latent, the greedy top-k by brute force: (seq, position, value), best first, values > 0, no two in one
+    sequence within `sep` positions (their context windows would overlap).
 
     f [n_seqs, ctx, d_sae] latents, valid [n_seqs, ctx]: positions allowed as a peak."""
     f = f.masked_fill(~valid[..., None], 0.0)
     out = []
     for j in range(f.shape[2]):
-        cands = []
-        for s in range(f.shape[0]):
-            col = f[s, :, j]
-            p = int(col.argmax())
-            if col[p] > 0:
-                cands.append((s, p, float(col[p])))
-        cands.sort(key=lambda c: -c[2])
-        out.append(cands[:k])
+        col = f[:, :, j]
+        cands = sorted(((float(col[s, p]), s, p) for s, p in zip(*torch.nonzero(col > 0, as_tuple=True))),
+                       key=lambda c: -c[0])
+        taken: list[tuple[int, int, float]] = []
+        for v, s, p in cands:
+            s, p = int(s), int(p)
+            if len(taken) == k:
+                break
+            if all(t[0] != s or abs(t[1] - p) > sep for t in taken):
+                taken.append((s, p, v))
+        out.append(taken)
     return out
 
 

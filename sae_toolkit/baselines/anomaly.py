@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from sae_toolkit.baselines._checks import as_matrix
 from sae_toolkit.baselines.ensemble import StackedAutoencoder
-from sae_toolkit.baselines.training import train_autoencoder
+from sae_toolkit.baselines.training import few_threads, train_autoencoder
 from sae_toolkit.errors import SAEToolkitError
 
 Scoring = Literal["combined", "standardized", "reconstruction"]
@@ -28,11 +28,12 @@ def reconstruction_error(model: nn.Module, X, device: str = "cpu", batch_size: i
     model.eval()
     X = torch.as_tensor(as_matrix(X, "X", getattr(model, "input_dim", None)))
     out = []
-    for i in range(0, len(X), batch_size):
-        xb = X[i : i + batch_size].to(device)
-        x_hat = model(xb)[0]
-        err = (x_hat - xb).pow(2)  # [batch, d] or [n_models, batch, d]
-        out.append((err.mean(dim=(0, 2)) if err.dim() == 3 else err.mean(dim=1)).cpu())
+    with few_threads(model, device):
+        for i in range(0, len(X), batch_size):
+            xb = X[i : i + batch_size].to(device)
+            x_hat = model(xb)[0]
+            err = (x_hat - xb).pow(2)  # [batch, d] or [n_models, batch, d]
+            out.append((err.mean(dim=(0, 2)) if err.dim() == 3 else err.mean(dim=1)).cpu())
     return torch.cat(out).numpy()
 
 
@@ -194,11 +195,12 @@ class AnomalyDetector:
         self.model.eval()
         sq, zs = [], []
         Zt = torch.from_numpy(Z)
-        for i in range(0, len(Zt), 8192):
-            xb = Zt[i : i + 8192].to(self.device)
-            x_hat, z = self.model(xb)
-            sq.append((x_hat - xb).pow(2).cpu())
-            zs.append(z.cpu())
+        with few_threads(self.model, self.device):
+            for i in range(0, len(Zt), 8192):
+                xb = Zt[i : i + 8192].to(self.device)
+                x_hat, z = self.model(xb)
+                sq.append((x_hat - xb).pow(2).cpu())
+                zs.append(z.cpu())
         return torch.cat(sq, 1).double().numpy(), torch.cat(zs, 1).double().numpy()
 
     def _fit_score_stats(self, Z_fit: np.ndarray) -> None:
@@ -352,7 +354,9 @@ class AnomalyDetector:
             raise SAEToolkitError(f"{str(p)!r} holds no saved detector (detector.json + detector.safetensors)")
         meta = json.loads((p / "detector.json").read_text())
         if meta.get("format") != "sae_toolkit.anomaly_detector":
-            raise SAEToolkitError(f"{p / 'detector.json'} is not an anomaly-detector file (format={meta.get('format')!r})")
+            raise SAEToolkitError(
+                f"{p / 'detector.json'} is not an anomaly-detector file (format={meta.get('format')!r})"
+            )
         c = meta["config"]
         det = cls(c.pop("input_dim"), c.pop("latent_dim"), c.pop("hidden_dims"), c.pop("threshold_percentile"),
                   device=device, **c)

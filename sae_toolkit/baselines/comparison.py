@@ -96,19 +96,19 @@ def compare_detectors(split: NoveltySplit, seed: int = 0, detectors: Sequence[st
 
 def dataset_split(name: str, seed: int, n_transactions: int = 20_000) -> NoveltySplit:
     """The benchmark's splits. ``breast_cancer``: 250 random benign rows train, the other 107 benign + 212
-    malignant test. ``synthetic_fraud``: ``make_transactions(n_transactions, seed=seed)``, 4000 normal rows train,
-    the rest (≈0.17 % fraud) test."""
+    malignant test. ``synthetic_fraud``: ``make_transactions(n_transactions, seed=seed)``,
+    4000 normal rows train (half the normals if there are fewer than 8000), the rest (≈0.17 % fraud) test."""
     if name == "breast_cancer":
         X, y = breast_cancer_data()
         return novelty_split(X, y, 250, seed)
     if name == "synthetic_fraud":
         X, y, _ = credit_card_features(make_transactions(n_transactions, seed=seed))
-        return novelty_split(X, y, 4000, seed)
+        return novelty_split(X, y, min(4000, int((y == 0).sum()) // 2), seed)
     raise SAEToolkitError(f"unknown dataset {name!r}; use 'breast_cancer' or 'synthetic_fraud'")
 
 
 def run_comparison(datasets: Sequence[str] = ("breast_cancer", "synthetic_fraud"), seeds: Sequence[int] = (0, 1, 2),
-                   detectors: Sequence[str] = DETECTORS, n_transactions: int = 20_000,
+                   detectors: Sequence[str] = DETECTORS, n_transactions: int = 20_000, n_epochs: int = 100,
                    progress: bool = True) -> pd.DataFrame:
     """``compare_detectors`` on every dataset × seed; one row per (dataset, seed, detector)."""
     from tqdm.auto import tqdm
@@ -117,7 +117,7 @@ def run_comparison(datasets: Sequence[str] = ("breast_cancer", "synthetic_fraud"
     jobs = [(d, s) for d in datasets for s in seeds]
     for d, s in tqdm(jobs, desc="comparison", unit="split", disable=not progress):
         split = dataset_split(d, s, n_transactions)
-        rows += [{"dataset": d, **r} for r in compare_detectors(split, s, detectors)]
+        rows += [{"dataset": d, **r} for r in compare_detectors(split, s, detectors, n_epochs)]
     return pd.DataFrame(rows)
 
 

@@ -24,7 +24,9 @@ class ConvAutoencoder(nn.Module):
     def __init__(self, latent_dim: int = 32, image_size: int = 28, in_channels: int = 1):
         super().__init__()
         if not isinstance(image_size, int) or image_size < 4 or image_size % 4:
-            raise SAEToolkitError(f"image_size={image_size!r} must be a multiple of 4 (e.g. 28 for MNIST, 8 for digits)")
+            raise SAEToolkitError(
+                f"image_size={image_size!r} must be a multiple of 4 (e.g. 28 for MNIST, 8 for digits)"
+            )
         if not isinstance(latent_dim, int) or latent_dim <= 0:
             raise SAEToolkitError(f"latent_dim={latent_dim!r} must be a positive integer")
         self.latent_dim, self.image_size, self.in_channels = latent_dim, image_size, in_channels

@@ -8,10 +8,13 @@ import numpy as np
 
 
 def _pyplot():
+    import sys
+
     import matplotlib
 
-    # library code renders off-screen: no display on servers or CI, and plt.show() would block scripts
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+    # library code renders off-screen (no display on servers or CI; plt.show() would block scripts), except in a
+    # Jupyter kernel, whose inline backend is how a notebook shows the returned figure
+    if "ipykernel" not in sys.modules:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -102,13 +102,13 @@ def train_autoencoder(
 
     from tqdm.auto import tqdm
 
-    with _few_threads(model, device):
+    with few_threads(model, device):
         return _fit(model, Xt, Xv, n_epochs, batch_size, lr, device, loss, weight_decay, clip_norm, lr_patience,
                     early_stopping, seed, verbose, tqdm)
 
 
 @contextlib.contextmanager
-def _few_threads(model: nn.Module, device: str):
+def few_threads(model: nn.Module, device: str | torch.device):
     """One intra-op thread for small models on CPU, restored afterwards.
 
     Tiny MLPs are bound by per-step Python overhead; extra intra-op threads only add synchronisation, and on a
