@@ -22,6 +22,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _seq_range(text: str) -> tuple[int, int]:
+    """`START:STOP` → (START, STOP), a half-open range of sequence indices in the activation file."""
+    start, sep, stop = text.partition(":")
+    try:
+        lo, hi = int(start), int(stop)
+    except ValueError:
+        lo = hi = -1
+    if not sep or lo < 0 or hi <= lo:
+        raise argparse.ArgumentTypeError(f"cannot read sequence range {text!r}: write START:STOP, e.g. 0:800")
+    return lo, hi
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from sae_toolkit.cache import CacheConfig, cache_activations
 
@@ -67,6 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         out=args.out,
         resume=args.resume,
+        seq_range=args.seqs,
     )
     run_dir = train_sae(cfg)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
@@ -83,6 +96,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         tokens=args.tokens,
         top_k=args.top_k,
         device=args.device,
+        seq_range=args.seqs,
+        ce_windows=args.ce_windows,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -140,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    t.add_argument("--seqs", type=_seq_range, default=None, help="train on sequences START:STOP only")
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
@@ -148,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default=None, help="model SPEC for CE/KL metrics and the logit lens")
     a.add_argument("--tokens", type=_size, default=None, help="tokens to evaluate (default: the whole file)")
     a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
+    a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
+    a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory")
     a.set_defaults(func=_cmd_analyze)

@@ -22,17 +22,18 @@ class DemoConfig:
     dataset: str = "builtin:pydoc"
     """The Python reference docs that ship with CPython: ~110k tokens of real English and code."""
     hookpoint: str = "mlp_out.9"
-    """A third of the way in: deep enough for context features, shallow enough that the early-stopped forward
-    pass is ~3x cheaper than the full 30 layers and top tokens stay nameable."""
+    """A third of the way in. Measured on this corpus (TopK, k=32, 500k tokens, held-out EV): mlp_out.6 0.69,
+    mlp_out.9 0.87, mlp_out.15 0.65; and the forward pass stops after layer 9, a third of the full model's cost."""
     tokens: int = 120_000
     """Tokens to cache: the whole corpus (it runs out near 110k; the cacher stops there)."""
     context_size: int = 128
     holdout_fraction: float = 0.1
     """Share of sequences (the last ones) never trained on; all reported metrics come from them."""
-    expansion: int = 4
+    expansion: int = 8
+    """4608 latents: 4x reached the same held-out EV (0.866 vs 0.865) but 8x splits more nameable features."""
     k: int = 32
-    train_tokens: int = 1_000_000
-    """About nine passes over the training slice: on 2 cores this is the budget that reaches EV ≥ 0.7."""
+    train_tokens: int = 500_000
+    """About five passes over the training slice; EV on held-out windows stops improving around here."""
     batch_size: int = 1024
     ce_windows: int = 32
     """Held-out windows for the CE/KL splice metrics (each needs three full forwards of the model)."""
@@ -117,10 +118,12 @@ def _n_seqs(path: Path) -> int:
 
 
 def nameable_features(top_path: Path, n: int = 5, min_examples: int = 5) -> list[dict]:
-    """The n latents whose top examples agree most on one token: the easiest for a person to name.
+    """n latents whose top examples agree most on one word token: the easiest for a person to name.
 
     For each latent the token at the peak of each top example is counted; a latent scores by the share of its
-    examples whose peak token is the most common one (ties broken by max activation).
+    examples whose peak token is the most common one (ties broken by max activation). Latents whose peak token
+    has a letter in it come first (punctuation features are real but say little), and no two latents shown share
+    their top token.
     """
     scored = []
     with open(top_path) as f:
@@ -130,16 +133,24 @@ def nameable_features(top_path: Path, n: int = 5, min_examples: int = 5) -> list
             for ex in rec["examples"]:
                 if ex["values"]:
                     i = max(range(len(ex["values"])), key=ex["values"].__getitem__)
-                    peaks.append(ex["tokens"][i])
+                    peaks.append(ex["tokens"][i].strip() or ex["tokens"][i])
             if len(peaks) < min_examples:
                 continue
-            counts = Counter(p.strip() or p for p in peaks)
+            counts = Counter(peaks)
             top_tokens = [t for t, _ in counts.most_common(4)]
             share = counts.most_common(1)[0][1] / len(peaks)
             scored.append({"feature": rec["feature"], "share": share, "density": rec["density"],
                            "max_activation": rec["max_activation"], "top_tokens": top_tokens})
-    scored.sort(key=lambda r: (-r["share"], -r["max_activation"]))
-    return scored[:n]
+    wordy = lambda r: any(c.isalpha() for c in r["top_tokens"][0])
+    scored.sort(key=lambda r: (not wordy(r), -r["share"], -r["max_activation"]))
+    picked, seen = [], set()
+    for r in scored:
+        if r["top_tokens"][0] not in seen:
+            picked.append(r)
+            seen.add(r["top_tokens"][0])
+        if len(picked) == n:
+            break
+    return picked
 
 
 def format_summary(r: DemoResult) -> str:

@@ -219,3 +219,14 @@ def test_training_leaves_the_thread_count_as_found():
     before = torch.get_num_threads()
     train_autoencoder(Autoencoder(D, 3, [8]), low_rank_rows(64, D), n_epochs=1, verbose=False)
     assert torch.get_num_threads() == before
+
+
+def test_seed_mnist_example_runs_offline_on_digits(tmp_path):
+    from sae_toolkit.baselines import plot_reconstructions, train_mnist_ae
+
+    torch.manual_seed(0)
+    model, losses = train_mnist_ae(n_epochs=2, batch_size=256, device="cpu", verbose=False)
+    assert isinstance(model, ConvAutoencoder) and model.image_size == 8
+    assert len(losses) == 2 and losses[1] < losses[0]
+    fig = plot_reconstructions(model, load_digits_images().images, n=4, path=tmp_path / "recon.png")
+    assert len(fig.axes) == 12 and (tmp_path / "recon.png").stat().st_size > 1000

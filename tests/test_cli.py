@@ -54,3 +54,14 @@ def test_library_error_is_one_line(capsys, tmp_path):
     assert main(["info", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "nope.h5" in err
+
+
+def test_sequence_ranges():
+    parser = build_parser()
+    args = parser.parse_args(["train", "f.h5", "--hookpoint", "h", "--arch", "relu", "--out", "r", "--seqs", "0:800"])
+    assert args.seqs == (0, 800)
+    args = parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "o", "--seqs", "800:890", "--ce-windows", "8"])
+    assert (args.seqs, args.ce_windows) == ((800, 890), 8)
+    for bad in ("800", "5:2", "a:b", "-1:3"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "o", "--seqs", bad])
