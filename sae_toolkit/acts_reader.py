@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_toolkit.acts_file import bos_token_id, hookpoint_dataset, open_acts, root_attrs, stored_dtype
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -23,42 +24,22 @@ class ActsReader:
         seq_range: (start, stop) sequences to read (default all); tokens: read at most this many tokens (whole
         windows, rounded up). tokenizer: an HF tokenizer, None (show ids), or "auto" (load the file's `tokenizer`
         attr; ids when that fails). exclude_special: special tokens are never top-activation peaks."""
-        import h5py
-
-        from sae_toolkit.store import FORMAT
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SAEToolkitError(f"activation file {str(self.path)!r} does not exist; create it with "
-                                  "`sae-toolkit cache`")
+        self.file = f = open_acts(self.path)
         try:
-            self.file = h5py.File(self.path, "r")
-        except OSError as e:
-            raise SAEToolkitError(f"{str(self.path)!r} is not a readable HDF5 file ({e})") from None
-        f = self.file
-        fmt = _attr(f, "format")
-        if fmt != FORMAT or "acts" not in f or "tokens" not in f:
-            self.file.close()
-            raise SAEToolkitError(f"{str(self.path)!r} is not a sae_toolkit activation file (format={fmt!r}); "
-                                  "write it with `sae-toolkit cache`")
-        names = sorted(f["acts"].keys())
-        if hookpoint is None or hookpoint not in f["acts"]:
-            fits = [n for n in names if d_in is None or f["acts"][n].shape[1] == d_in]
-            if hookpoint is not None or len(fits) != 1:
-                self.file.close()
-                raise SAEToolkitError(f"hookpoint {hookpoint!r} is not in {str(self.path)!r}, which holds "
-                                      f"{', '.join(names) or 'nothing'}; pass one of those")
-            hookpoint = fits[0]
-        self.hookpoint = hookpoint
-        self.dset = f["acts"][hookpoint]
-        self.dtype = str(self.dset.attrs.get("dtype", self.dset.dtype.name))
+            self.dset = hookpoint_dataset(f, hookpoint, d_in=d_in)
+        except BaseException:
+            f.close()
+            raise
+        self.hookpoint = self.dset.name.removeprefix("/acts/")
+        self.dtype = stored_dtype(self.dset)
         self.d = int(self.dset.shape[1])
-        self.ctx = int(f.attrs["context_size"])
-        self.n_seqs = int(f.attrs["n_seqs"])
-        self.model = _attr(f, "model")
-        self.dataset = _attr(f, "dataset")
-        bos = f.attrs.get("bos_token_id")
-        self.bos_token_id = None if bos is None or int(bos) < 0 else int(bos)
+        attrs = root_attrs(f)
+        self.ctx = int(attrs["context_size"])
+        self.n_seqs = int(attrs["n_seqs"])
+        self.model = str(attrs.get("model", ""))
+        self.dataset = str(attrs.get("dataset", ""))
+        self.bos_token_id = bos_token_id(attrs)
         start, stop = (0, self.n_seqs) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
         if not 0 <= start < stop <= self.n_seqs:
             self.file.close()
@@ -67,7 +48,9 @@ class ActsReader:
         if tokens is not None:
             stop = min(stop, start + max(1, math.ceil(tokens / self.ctx)))
         self.seq_range = (start, stop)
-        self.tokenizer = _load_tokenizer(_attr(f, "tokenizer") or self.model) if tokenizer == "auto" else tokenizer
+        if tokenizer == "auto":
+            tokenizer = _load_tokenizer(str(attrs.get("tokenizer", "")) or self.model)
+        self.tokenizer = tokenizer
         special = {self.bos_token_id} if self.bos_token_id is not None else set()
         if exclude_special and self.tokenizer is not None:
             special |= set(getattr(self.tokenizer, "all_special_ids", []) or [])
@@ -77,6 +60,7 @@ class ActsReader:
 
     def chunks(self, seqs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(seq_ids [s], tokens [s, seq] int64, acts [s*seq, d] float32) for whole windows of the range."""
+        # Looked up in store at call time, where tests patch it to count reads (tests/test_report.py).
         from sae_toolkit.store import _to_float32
 
         start, stop = self.seq_range
@@ -124,11 +108,6 @@ class ActsReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _attr(f, name: str) -> str:
-    v = f.attrs.get(name, "")
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _load_tokenizer(spec: str):

@@ -1,6 +1,6 @@
 """The HDF5 activation file on the writing side (DESIGN §3): create, grow, trim, background batch writer.
 
-Readers are store.py and acts_reader.py; this module owns how the file is laid out and committed.
+Reading and checking a file is acts_file.py; this module owns how the file is laid out and committed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sae_toolkit.acts_file import FORMAT, FORMAT_VERSION
+from sae_toolkit.acts_file import read_root_attrs as read_root_attrs  # re-exported: its home was here
 from sae_toolkit.errors import SAEToolkitError
 
 if TYPE_CHECKING:
@@ -25,35 +27,8 @@ if TYPE_CHECKING:
     from sae_toolkit.cache import CacheConfig
     from sae_toolkit.hookpoints import Hookpoint
 
-FORMAT = "sae_toolkit.activations"
-FORMAT_VERSION = 1
 # ~1 MiB chunks: one chunk per random block read by the store, few enough chunks for fast sequential reads.
 _CHUNK_BYTES = 1 << 20
-
-
-def read_root_attrs(path: Path) -> dict:
-    """Root attrs of a toolkit activation file; a one-line error for anything else."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise SAEToolkitError(f"{path} is not a readable HDF5 file ({e}); delete it or pick another --out") from None
-    if attrs.get("format") != FORMAT:
-        raise SAEToolkitError(f"{path} is not a sae-toolkit activation file (format={attrs.get('format')!r})")
-    if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
-        raise SAEToolkitError(f"{path} has format_version {attrs['format_version']}; upgrade sae-toolkit to read it")
-    return attrs
-
-
-def _plain(value: object) -> object:
-    """HDF5 attr values as plain Python (bytes → str, numpy scalars → int/float/bool)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def chunk_rows(d: int, itemsize: int, total_rows: int) -> int:

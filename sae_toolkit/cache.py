@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from sae_toolkit.acts_writer import Writer, create_file, grow_file, read_root_attrs, trim_file
+from sae_toolkit.acts_file import read_root_attrs
+from sae_toolkit.acts_writer import Writer, create_file, grow_file, trim_file
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.units import parse_size
 
@@ -173,7 +174,7 @@ def _check_existing(out: Path, cfg: CacheConfig, identity: dict) -> tuple[int, i
         return None
     if not cfg.resume:
         raise SAEToolkitError(f"{out} already exists; pass --resume to continue it or delete it to start over")
-    attrs = read_root_attrs(out)
+    attrs = read_root_attrs(out, fix="delete it or pick another --out")
     stored = json.loads(attrs["config"])
     for key in IDENTITY_FIELDS:
         if stored.get(key) != identity[key]:

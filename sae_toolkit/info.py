@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sae_toolkit.acts_file import bos_token_id, hookpoints, open_acts, read_root_attrs, stored_dtype
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -13,13 +14,7 @@ def describe(path: str) -> str:
 
     Anything that is not a toolkit activation file gives a one-line SAEToolkitError.
     """
-    import h5py
-
-    from sae_toolkit.acts_writer import read_root_attrs
-
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise SAEToolkitError(f"{path} does not exist; give an .h5 file written by `sae-toolkit cache`")
     attrs = read_root_attrs(file)
     ctx, n_seqs = int(attrs["context_size"]), int(attrs["n_seqs"])
     target = int(attrs.get("n_seqs_target", n_seqs))
@@ -28,30 +23,43 @@ def describe(path: str) -> str:
         f"file:         {file} ({_size(file.stat().st_size)})",
         f"format:       {attrs['format']} v{attrs['format_version']}, written {attrs.get('created', '?')} "
         f"by sae-toolkit {attrs.get('toolkit_version', '?')}",
-        f"model:        {attrs['model']}",
-        f"dataset:      {attrs['dataset']} (split {config.get('split', '?')}, "
+        f"model:        {attrs.get('model', '?')}",
+        f"dataset:      {attrs.get('dataset', '?')} (split {config.get('split', '?')}, "
         f"text column {config.get('text_column') or 'guessed'})",
-        f"context size: {ctx} tokens per sequence, BOS id {attrs.get('bos_token_id', '?')}",
+        f"context size: {ctx} tokens per sequence, BOS id {_bos(attrs)}",
         f"stored:       {n_seqs} sequences = {n_seqs * ctx:,} tokens",
         f"status:       {_status(attrs, n_seqs, target, ctx, config.get('tokens'))}",
         "hookpoints:",
     ]
     try:
-        with h5py.File(file, "r") as f:
-            acts = f.get("acts")
-            if acts is None or "tokens" not in f:
-                raise SAEToolkitError(f"{path} lacks the tokens or acts/ datasets; it is not a complete cache file")
-            for name, dset in acts.items():
+        with open_acts(file) as f:
+            for name in hookpoints(f):
+                dset = f["acts"][name]
                 a = dset.attrs
-                extra = dset.shape[0] - n_seqs * ctx
-                note = f", {extra:,} rows past n_seqs are not data" if extra > 0 else ""
                 lines.append(
                     f"  {name:<28} module {a.get('module', '?')} ({a.get('io', '?')}), d={a.get('d', dset.shape[1])}, "
-                    f"{a.get('dtype', dset.dtype.name)}{note}"
+                    f"{stored_dtype(dset)}{_rows_note(dset.shape[0], n_seqs * ctx)}"
                 )
     except OSError as e:
         raise SAEToolkitError(f"cannot read {path}: {e}") from None
     return "\n".join(lines)
+
+
+def _bos(attrs: dict) -> str:
+    """The BOS id, or what stands in for it: -1 means the tokenizer has none (DESIGN §3)."""
+    if "bos_token_id" not in attrs:
+        return "?"
+    bos = bos_token_id(attrs)
+    return "none" if bos is None else str(bos)
+
+
+def _rows_note(rows: int, data_rows: int) -> str:
+    """Rows past n_seqs*context_size are not data (a killed writer may leave them); fewer means damage."""
+    if rows > data_rows:
+        return f", {rows - data_rows:,} rows past n_seqs are not data"
+    if rows < data_rows:
+        return f", DAMAGED: {rows:,} rows where n_seqs needs {data_rows:,}"
+    return ""
 
 
 def _status(attrs: dict, n_seqs: int, target: int, ctx: int, asked: int | None) -> str:

@@ -20,23 +20,18 @@ from typing import Literal
 import numpy as np
 import torch
 
+from sae_toolkit.acts_file import FORMAT as FORMAT  # re-exported: older code imports the format names from here
+from sae_toolkit.acts_file import FORMAT_VERSION as FORMAT_VERSION
+from sae_toolkit.acts_file import bos_token_id, hookpoint_dataset, hookpoints, open_acts, root_attrs, stored_dtype
+from sae_toolkit.acts_file import to_float32 as _to_float32
 from sae_toolkit.errors import SAEToolkitError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sae_toolkit.activations"
-FORMAT_VERSION = 1
 _BLOCK_BYTES = 4 << 20
 """Target stored bytes per block: a few MiB makes one contiguous HDF5 read cheap relative to its fixed cost."""
 _AUTO_IN_MEMORY_BYTES = 2 << 30
 """`in_memory="auto"` loads the usable rows when they take at most this many bytes as float32."""
-
-
-def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored rows → float32. bfloat16 is stored as uint16 holding the top half of a float32's bits."""
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
 
 
 class ActivationStore:
@@ -86,8 +81,6 @@ class ActivationStore:
         buffer_blocks: blocks shuffled together. block_rows: rows per block (default: whole chunks, ~4 MiB).
         prefetch: batches prepared ahead by the background thread. norm_sample: rows used to estimate `scale`.
         """
-        import h5py
-
         self.path = Path(path)
         self.hookpoint = hookpoint
         self.batch_size = int(batch_size)
@@ -96,14 +89,7 @@ class ActivationStore:
         self.prefetch = max(1, int(prefetch))
         if self.batch_size <= 0:
             raise SAEToolkitError(f"batch_size={batch_size} must be positive")
-        if not self.path.is_file():
-            raise SAEToolkitError(f"activation file {str(self.path)!r} does not exist; create it with "
-                                  "`sae-toolkit cache`")
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as e:
-            raise SAEToolkitError(f"{str(self.path)!r} is not a readable HDF5 file ({e}); pass a file written "
-                                  "by `sae-toolkit cache`") from None
+        self._file = open_acts(self.path)
         try:
             self._open(hookpoint, seq_range, exclude_bos, block_rows)
             self._prepare(in_memory, buffer_blocks, normalize, norm_sample)
@@ -146,39 +132,18 @@ class ActivationStore:
     def _open(self, hookpoint: str, seq_range: tuple[int, int] | None, exclude_bos: bool,
               block_rows: int | None) -> None:
         f, where = self._file, str(self.path)
-        fmt = f.attrs.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode()
-        if fmt != FORMAT or "acts" not in f or "tokens" not in f:
-            raise SAEToolkitError(f"{where!r} is not a sae_toolkit activation file (root attr format={fmt!r}, "
-                                  f"need {FORMAT!r} with acts/ and tokens); write it with `sae-toolkit cache`")
-        version = int(f.attrs.get("format_version", 0))
-        if version > FORMAT_VERSION:
-            raise SAEToolkitError(f"{where!r} has format_version {version}; this toolkit reads "
-                                  f"version {FORMAT_VERSION} — upgrade sae-toolkit")
-        if hookpoint not in f["acts"]:
-            present = ", ".join(sorted(f["acts"].keys())) or "none"
-            raise SAEToolkitError(f"hookpoint {hookpoint!r} is not in {where!r}; it holds: {present}")
-        self._dset = f["acts"][hookpoint]
-        if self._dset.ndim != 2:
-            raise SAEToolkitError(f"acts/{hookpoint} in {where!r} has shape {self._dset.shape}; expected "
-                                  "[n_seqs*context_size, d]")
+        present = hookpoints(f)
+        if hookpoint not in present:
+            raise SAEToolkitError(f"hookpoint {hookpoint!r} is not in {where!r}; it holds: "
+                                  f"{', '.join(present) or 'none'}")
+        self._dset = hookpoint_dataset(f, hookpoint)  # 2-d, a readable dtype, no fewer rows than n_seqs*context_size
         self.d_in = int(self._dset.shape[1])
-        self.dtype = str(self._dset.attrs.get("dtype", self._dset.dtype.name))
-        if self.dtype == "bfloat16" and self._dset.dtype != np.uint16:
-            raise SAEToolkitError(f"acts/{hookpoint} says dtype=bfloat16 but is stored as {self._dset.dtype}; "
-                                  "bfloat16 must be stored as uint16")
-        if self.dtype != "bfloat16" and self._dset.dtype.kind != "f":
-            raise SAEToolkitError(f"acts/{hookpoint} has dtype {self._dset.dtype}; expected float16/float32 "
-                                  "or bfloat16-as-uint16 with attr dtype='bfloat16'")
-        self.context_size = int(f.attrs["context_size"])
-        self.n_seqs = int(f.attrs["n_seqs"])
-        self.model = str(f.attrs.get("model", ""))
-        bos = f.attrs.get("bos_token_id")
-        self.bos_token_id = None if bos is None or int(bos) < 0 else int(bos)
-        if self.n_seqs * self.context_size > self._dset.shape[0]:
-            raise SAEToolkitError(f"{where!r} claims n_seqs={self.n_seqs} x context_size={self.context_size} "
-                                  f"rows but acts/{hookpoint} holds only {self._dset.shape[0]}; the file is damaged")
+        self.dtype = stored_dtype(self._dset)
+        attrs = root_attrs(f)
+        self.context_size = int(attrs["context_size"])
+        self.n_seqs = int(attrs["n_seqs"])
+        self.model = str(attrs.get("model", ""))
+        self.bos_token_id = bos_token_id(attrs)
         start, stop = (0, self.n_seqs) if seq_range is None else (int(seq_range[0]), int(seq_range[1]))
         if not 0 <= start < stop <= self.n_seqs:
             raise SAEToolkitError(f"seq_range={seq_range} is not within the file's {self.n_seqs} complete "

@@ -84,12 +84,14 @@ def _acts_provenance(acts: object) -> dict[str, object]:
         return {}
     import h5py
 
+    from sae_toolkit.acts_file import FORMAT, bos_token_id, root_attrs
+
     try:
         with h5py.File(acts, "r") as f:
-            attrs = dict(f.attrs)
+            attrs = root_attrs(f)
     except OSError:  # moved, damaged or not HDF5: the metadata is optional
         return {}
-    if attrs.get("format") != "sae_toolkit.activations":
+    if attrs.get("format") != FORMAT:
         return {}
     out: dict[str, object] = {}
     if "context_size" in attrs:
@@ -97,7 +99,7 @@ def _acts_provenance(acts: object) -> dict[str, object]:
     if "dataset" in attrs:
         out["dataset"] = str(attrs["dataset"])
     if "bos_token_id" in attrs:
-        out["prepend_bos"] = int(attrs["bos_token_id"]) >= 0
+        out["prepend_bos"] = bos_token_id(attrs) is not None
     return out
 
 
