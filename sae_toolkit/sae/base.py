@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
@@ -49,7 +50,7 @@ class TrainOutput(NamedTuple):
     """Scalar loss parts, already weighted as they enter `loss`: {"mse", "l1"}, {"mse", "auxk"}, {"mse", "l0"}, ..."""
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, ABC):
     """A sparse autoencoder  f = σ(W_encᵀ(x − b_dec) + b_enc),  x̂ = W_decᵀ f + b_dec.
 
     σ is the architecture's activation (ReLU, TopK, BatchTopK, JumpReLU, gate × magnitude); subclasses implement
@@ -103,9 +104,9 @@ class SAE(nn.Module):
         # addmm-fused bias: a separate add over [batch, d_sae] costs ~40% of the matmul on CPU
         return F.linear(self._sae_in(x), self.W_enc.t(), self.b_enc)
 
+    @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """[..., d_in] → [..., d_sae] latent activations (dense)."""
-        raise NotImplementedError
 
     def decode(self, f: Tensor) -> Tensor:
         """[..., d_sae] → [..., d_in] reconstruction W_decᵀ f + b_dec."""
@@ -118,6 +119,7 @@ class SAE(nn.Module):
         f = self.encode(x)
         return SAEOutput(self.decode(f), f)
 
+    @abstractmethod
     def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
         """Loss of one training batch.
 
@@ -126,7 +128,6 @@ class SAE(nn.Module):
         gated). The reconstruction term is the MSE summed over d_in and averaged over the batch,
         mean_b ‖x_b − x̂_b‖², in every architecture.
         """
-        raise NotImplementedError
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
