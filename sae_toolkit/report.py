@@ -87,7 +87,7 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
                                 device=device)
             model_m = acc.compute()
             notes.append(f"CE/KL over the first {n_ce} of {reader.seq_range[1] - s0} evaluated windows "
-                         f"(sequences {s0}..{s0 + n_ce}; raise with ce_windows)")
+                         f"(sequences {s0}..{s0 + n_ce}; raise with --ce-windows)")
             del mdl
     provenance = {
         "sae": str(path.resolve()), "run_dir": str(run_dir.resolve()) if run_dir else None,
