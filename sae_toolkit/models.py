@@ -272,16 +272,10 @@ def _tiny_config(spec: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedCon
     ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    llama_like = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        **ids,
-    )
+    # HF names shared by the Llama family, GPT-NeoX and BERT configs
+    dims = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                max_position_embeddings=2048, **ids)
+    llama_like = dict(dims, num_key_value_heads=2)
     if spec == "tiny-llama":
         return tf.LlamaConfig(**llama_like)
     if spec == "tiny-qwen2":
@@ -293,25 +287,9 @@ def _tiny_config(spec: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedCon
     if spec == "tiny-gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=2048, **ids)
     if spec == "tiny-gptneox":
-        return tf.GPTNeoXConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=2048,
-            **ids,
-        )
+        return tf.GPTNeoXConfig(**dims)
     if spec == "tiny-bert":
-        return tf.BertConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=2048,
-            **ids,
-        )
+        return tf.BertConfig(**dims)
     raise AssertionError(spec)
 
 
