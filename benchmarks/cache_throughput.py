@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_toolkit.acts_writer import Writer, create_file
-from sae_toolkit.cache import CacheConfig, _model_dtype, cache_activations
-from sae_toolkit.corpus import open_corpus, token_windows, window_batches
-from sae_toolkit.hookpoints import resolve_all, run_capture
-from sae_toolkit.models import load_model
+from sae_toolkit.activations.cacher import CacheConfig, _model_dtype, cache_activations
+from sae_toolkit.activations.writer import Writer, create_file
+from sae_toolkit.model.corpus import open_corpus, token_windows, window_batches
+from sae_toolkit.model.hookpoints import resolve_all, run_capture
+from sae_toolkit.model.loading import load_model
 from sae_toolkit.units import parse_size, resolve_device
 
 

@@ -1,4 +1,4 @@
-"""Training throughput (tokens/s) of `sae_toolkit.train.train_step` per architecture, next to the seed tutorial's loop.
+"""Training throughput (tokens/s) of `sae_toolkit.training.trainer.train_step` per architecture, beside the seed loop.
 
 One JSON line per measurement. CPU: d_in=576, d_sae=4608, batch 1024. With a GPU also (576, 18432, 4096) and
 (1536, 16384, 4096), bf16 autocast as the trainer uses it. The seed reference is the tutorial's
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sae_toolkit.sae import ARCHS, SAEConfig, make_sae
-from sae_toolkit.train import train_step
+from sae_toolkit.training.trainer import train_step
 
 CPU_SHAPES = [(576, 4608, 1024)]
 GPU_SHAPES = [(576, 18432, 4096), (1536, 16384, 4096)]

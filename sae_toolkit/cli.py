@@ -35,7 +35,7 @@ def _seq_range(text: str) -> tuple[int, int]:
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
-    from sae_toolkit.cache import CacheConfig, cache_activations
+    from sae_toolkit.activations.cacher import CacheConfig, cache_activations
 
     cfg = CacheConfig(
         model=args.model,
@@ -56,13 +56,13 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from sae_toolkit.info import describe
+    from sae_toolkit.activations.info import describe
 
     print(describe(args.file))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from sae_toolkit.train import TrainConfig, train_sae
+    from sae_toolkit.training.trainer import TrainConfig, train_sae
 
     cfg = TrainConfig(
         acts=args.acts,
@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    from sae_toolkit.report import build_report
+    from sae_toolkit.analysis.report import build_report
 
     out = build_report(
         args.path,

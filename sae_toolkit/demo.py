@@ -63,9 +63,9 @@ class DemoResult:
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "auto") -> DemoResult:
     """Cache → train → analyze on the embedded default; prints a summary and returns where everything is."""
-    from sae_toolkit.cache import CacheConfig, cache_activations
-    from sae_toolkit.report import build_report
-    from sae_toolkit.train import TrainConfig, train_sae
+    from sae_toolkit.activations.cacher import CacheConfig, cache_activations
+    from sae_toolkit.analysis.report import build_report
+    from sae_toolkit.training.trainer import TrainConfig, train_sae
 
     cfg = DemoConfig.make(quick)
     device = resolve_device(device)

@@ -93,8 +93,8 @@ def perfect_relu_sae(d_in: int, hookpoint: str = ""):
 def tiny_model_file(path: Path, *, spec: str = "tiny-llama", hookpoint: str = "mlp_out.1", n_seqs: int = 6,
                     ctx: int = 32, text: str | None = None) -> Path:
     """Activations of a builtin tiny model over packed byte-token windows (BOS first), written like the cacher."""
-    from sae_toolkit.hookpoints import resolve, run_capture
-    from sae_toolkit.models import load_model
+    from sae_toolkit.model.hookpoints import resolve, run_capture
+    from sae_toolkit.model.loading import load_model
 
     model, tok = load_model(spec)
     text = text or ("The quick brown fox jumps over the lazy dog. def f(x): return x + 1\n" * 40)

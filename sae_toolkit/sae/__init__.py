@@ -1,10 +1,13 @@
-"""Sparse autoencoders: one file per architecture family, a shared base (config, save/load) and SAELens export."""
+"""Stage 3, the SAE: an SAEConfig → an SAE module (one file per architecture family, registered in registry.py),
+its sparse kernels, and its directory format (save/load, SAELens export).
+"""
 
-from sae_toolkit.sae.base import SAE, SAEOutput, TrainOutput, make_sae
+from sae_toolkit.sae.base import SAE, SAEOutput, TrainOutput
 from sae_toolkit.sae.config import ARCHS, SAEConfig
 from sae_toolkit.sae.export import export_saelens
 from sae_toolkit.sae.gated import GatedSAE
 from sae_toolkit.sae.jumprelu import JumpReLUSAE
+from sae_toolkit.sae.registry import make_sae, register
 from sae_toolkit.sae.relu import ReLUSAE
 from sae_toolkit.sae.topk import BatchTopKSAE, TopKSAE
 
@@ -25,4 +28,5 @@ __all__ = [
     "export_saelens",
     "load_sae",
     "make_sae",
+    "register",
 ]

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.config import ARCHS, SAEConfig
+from sae_toolkit.sae.registry import make_sae
 
-__all__ = ["ARCHS", "SAE", "SAEConfig", "SAEOutput", "TrainOutput", "make_sae"]
+__all__ = ["ARCHS", "SAE", "SAEConfig", "SAEOutput", "TrainOutput"]
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -58,6 +59,7 @@ class SAE(nn.Module, ABC):
     the b_dec subtraction before encoding follows `cfg.apply_b_dec_to_input`.
 
     Example:
+        >>> from sae_toolkit.sae import make_sae
         >>> sae = make_sae(SAEConfig(arch="topk", d_in=8, d_sae=32, k=4))
         >>> out = sae(torch.randn(5, 8))
         >>> out.x_hat.shape, int((out.feature_acts > 0).sum(-1).max()) <= 4
@@ -65,14 +67,7 @@ class SAE(nn.Module, ABC):
     """
 
     archs: ClassVar[tuple[str, ...]] = ()
-    """The cfg.arch values a subclass implements (registers it for make_sae / load)."""
-
-    _registry: ClassVar[dict[str, type[SAE]]] = {}
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        for arch in cls.archs:
-            SAE._registry[arch] = cls
+    """The cfg.arch values a subclass implements (`registry.register` maps them to it for make_sae / load)."""
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None) -> None:
         super().__init__()
@@ -277,14 +272,6 @@ def _sae_dir(path: Path) -> Path:
             " e.g. RUN_DIR/sae"
         )
     return path
-
-
-def make_sae(cfg: SAEConfig, device: str | torch.device | None = None) -> SAE:
-    """Build a freshly initialised SAE of cfg.arch on `device`."""
-    # Importing the architecture modules registers their classes (SAE.__init_subclass__).
-    from sae_toolkit.sae import gated, jumprelu, relu, topk  # noqa: F401
-
-    return SAE._registry[cfg.arch](cfg, device=device)
 
 
 @torch.no_grad()

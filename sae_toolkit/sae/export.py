@@ -84,7 +84,7 @@ def _acts_provenance(acts: object) -> dict[str, object]:
         return {}
     import h5py
 
-    from sae_toolkit.acts_file import FORMAT, bos_token_id, root_attrs
+    from sae_toolkit.activations.format import FORMAT, bos_token_id, root_attrs
 
     try:
         with h5py.File(acts, "r") as f:

@@ -7,8 +7,10 @@ from torch import Tensor, nn
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
+from sae_toolkit.sae.registry import register
 
 
+@register
 class GatedSAE(SAE):
     """f = 1[π_gate > 0] ⊙ ReLU(π_mag),  x̂ = W_decᵀ f + b_dec, with x̃ = x − b_dec and
     π_gate = W_encᵀx̃ + b_enc  (W_enc is the paper's W_gate, b_enc its b_gate),

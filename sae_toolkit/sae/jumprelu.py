@@ -11,6 +11,7 @@ from torch.autograd import Function
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
+from sae_toolkit.sae.registry import register
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -51,6 +52,7 @@ class _Step(Function):
         return None, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
 
 
+@register
 class JumpReLUSAE(SAE):
     """f = JumpReLU_θ(W_encᵀx + b_enc) = π·1[π > θ] (θ > 0 per latent),  x̂ = W_decᵀ f + b_dec.
 

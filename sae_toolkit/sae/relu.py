@@ -6,8 +6,10 @@ from torch import Tensor
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.base import SAE, TrainOutput
+from sae_toolkit.sae.registry import register
 
 
+@register
 class ReLUSAE(SAE):
     """f = ReLU(W_encᵀ(x − b_dec) + b_enc),  x̂ = W_decᵀ f + b_dec.
 

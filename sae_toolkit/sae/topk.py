@@ -9,8 +9,10 @@ from torch import Tensor
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
 from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+from sae_toolkit.sae.registry import register
 
 
+@register
 class TopKSAE(SAE):
     """f = ReLU(TopK_k(W_encᵀ(x − b_dec) + b_enc)),  x̂ = W_decᵀ f + b_dec  (Gao et al. 2024).
 
@@ -94,6 +96,7 @@ class TopKSAE(SAE):
         """Hook for per-batch state updates (BatchTopK's threshold)."""
 
 
+@register
 class BatchTopKSAE(TopKSAE):
     """BatchTopK (Bussmann et al. 2024): training keeps the k·batch largest pre-activations of the whole batch
     (ReLU'd), so tokens get a variable number of latents averaging k. Inference applies one threshold θ,

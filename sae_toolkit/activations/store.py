@@ -20,10 +20,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from sae_toolkit.acts_file import FORMAT as FORMAT  # re-exported: older code imports the format names from here
-from sae_toolkit.acts_file import FORMAT_VERSION as FORMAT_VERSION
-from sae_toolkit.acts_file import bos_token_id, hookpoint_dataset, hookpoints, open_acts, root_attrs, stored_dtype
-from sae_toolkit.acts_file import to_float32 as _to_float32
+from sae_toolkit.activations.format import (
+    FORMAT as FORMAT,  # re-exported: older code imports the format names from here
+)
+from sae_toolkit.activations.format import FORMAT_VERSION as FORMAT_VERSION
+from sae_toolkit.activations.format import (
+    bos_token_id,
+    hookpoint_dataset,
+    hookpoints,
+    open_acts,
+    root_attrs,
+    stored_dtype,
+)
+from sae_toolkit.activations.format import to_float32 as _to_float32
 from sae_toolkit.errors import SAEToolkitError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import SAE, SAEConfig, make_sae
-from sae_toolkit.train import train_step
+from sae_toolkit.training.trainer import train_step
 
 
 class LLMSparseAutoencoder(nn.Module):

@@ -11,15 +11,15 @@ from _trainer_helpers import one_torch_thread, toy_superposition  # noqa: F401
 from torch import optim
 from torch.utils.data import DataLoader, TensorDataset
 
-import sae_toolkit.seed_compat
+import sae_toolkit.training.seed_compat
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.seed_compat import LLMSparseAutoencoder, train_llm_sae
+from sae_toolkit.training.seed_compat import LLMSparseAutoencoder, train_llm_sae
 
 SEED_KEYS = ["dead_feature_frac", "l0_per_token", "l1_loss", "loss", "recon_loss"]
 
 
 def test_module_docstring_example():
-    assert doctest.testmod(sae_toolkit.seed_compat).failed == 0
+    assert doctest.testmod(sae_toolkit.training.seed_compat).failed == 0
 
 
 def test_seed_usage_snippet_runs(capsys):

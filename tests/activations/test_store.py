@@ -10,8 +10,8 @@ import pytest
 import torch
 from _trainer_helpers import one_torch_thread, write_acts  # noqa: F401
 
+from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.store import ActivationStore
 
 CTX, N_SEQS, D = 16, 20, 4
 
@@ -45,7 +45,7 @@ def test_each_epoch_covers_every_non_bos_row_once(tmp_path, in_memory):
 def test_batches_span_epochs_without_dropping_rows(tmp_path, caplog):
     path, _ = _indexed_file(tmp_path)
     store = ActivationStore(path, "mlp_out.0", batch_size=70, block_rows=32)
-    with caplog.at_level(logging.INFO, logger="sae_toolkit.store"):
+    with caplog.at_level(logging.INFO, logger="sae_toolkit.activations.store"):
         rows = _rows([store.next_batch() for _ in range(9)])  # 630 rows = 2 epochs of 300 + 30
     store.close()
     assert [r.getMessage().split(" with")[0] for r in caplog.records] == [

@@ -15,14 +15,14 @@ import torch
 from _cache_helpers import decode_rows, direct_capture, one_thread, reference_windows  # noqa: F401 (fixture)
 
 from sae_toolkit import cli
-from sae_toolkit.cache import CacheConfig, cache_activations
-from sae_toolkit.corpus import open_corpus
+from sae_toolkit.activations.cacher import CacheConfig, cache_activations
+from sae_toolkit.activations.info import describe
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.info import describe
-from sae_toolkit.models import load_model
+from sae_toolkit.model.corpus import open_corpus
+from sae_toolkit.model.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from _trainer_helpers import mean_max_cosine, one_torch_thread, read_metrics, toy_file, write_acts  # noqa: F401
 
-import sae_toolkit.schedules
-from sae_toolkit.checkpoint import list_checkpoints
+import sae_toolkit.training.schedules
 from sae_toolkit.cli import main
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.resample import resample_dead_latents_
 from sae_toolkit.sae import ARCHS, SAE, SAEConfig, make_sae
-from sae_toolkit.train import TrainConfig, Trainer, train_sae
+from sae_toolkit.training.checkpoint import list_checkpoints
+from sae_toolkit.training.resample import resample_dead_latents_
+from sae_toolkit.training.trainer import TrainConfig, Trainer, train_sae
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def test_decoder_rows_unit_norm_after_every_step(small, tmp_path, arch, kw):
 
 
 def test_lr_and_sparsity_schedules():
-    assert doctest.testmod(sae_toolkit.schedules).failed == 0
-    from sae_toolkit.schedules import default_lr, lr_at
+    assert doctest.testmod(sae_toolkit.training.schedules).failed == 0
+    from sae_toolkit.training.schedules import default_lr, lr_at
 
     assert default_lr(2**14) == pytest.approx(2e-4)
     lrs = [lr_at(s, 100, 1.0, warmup_steps=10, decay="cosine", decay_fraction=0.3) for s in range(100)]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from _cache_helpers import one_thread  # noqa: F401 (fixture)
 
-from sae_toolkit import models
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.models import TINY_MODELS, byte_tokenizer, load_model, load_tokenizer
+from sae_toolkit.model import loading as models
+from sae_toolkit.model.loading import TINY_MODELS, byte_tokenizer, load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from _report_helpers import tiny_model_file
 
-from sae_toolkit.report import build_report
+from sae_toolkit.analysis.report import build_report
 from sae_toolkit.sae import SAEConfig, make_sae
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_inspect_features.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "01_inspect_features.ipynb"
 
 
 @pytest.mark.parametrize("with_model", [True, False])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_toolkit.acts_file import bos_token_id, hookpoint_dataset, open_acts, root_attrs, stored_dtype
+from sae_toolkit.activations.format import bos_token_id, hookpoint_dataset, open_acts, root_attrs, stored_dtype
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -61,7 +61,7 @@ class ActsReader:
     def chunks(self, seqs_per_chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(seq_ids [s], tokens [s, seq] int64, acts [s*seq, d] float32) for whole windows of the range."""
         # Looked up in store at call time, where tests patch it to count reads (tests/test_report.py).
-        from sae_toolkit.store import _to_float32
+        from sae_toolkit.activations.store import _to_float32
 
         start, stop = self.seq_range
         for s0 in range(start, stop, seqs_per_chunk):
@@ -115,7 +115,7 @@ def _load_tokenizer(spec: str):
     if not spec:
         return None
     try:
-        from sae_toolkit.models import load_tokenizer
+        from sae_toolkit.model.loading import load_tokenizer
 
         return load_tokenizer(spec)
     except Exception as e:  # any failure only costs readable token strings, so say so and go on

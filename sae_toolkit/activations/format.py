@@ -1,6 +1,6 @@
 """The HDF5 activation file on the reading side (DESIGN §3): open and check it, its attrs and hookpoints, float32 rows.
 
-The writing side (layout, growing, committing) is acts_writer.py; ActivationStore and ActsReader read through here.
+The writing side (layout, growing, committing) is writer.py; ActivationStore and ActsReader read through here.
 
     >>> with open_acts("acts.h5") as f:  # doctest: +SKIP
     ...     dset = hookpoint_dataset(f, "mlp_out.6")

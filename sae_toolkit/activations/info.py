@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_toolkit.acts_file import bos_token_id, hookpoints, open_acts, read_root_attrs, stored_dtype
+from sae_toolkit.activations.format import bos_token_id, hookpoints, open_acts, read_root_attrs, stored_dtype
 from sae_toolkit.errors import SAEToolkitError
 
 

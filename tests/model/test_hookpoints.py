@@ -5,8 +5,8 @@ import torch
 from _cache_helpers import direct_capture, one_thread  # noqa: F401 (fixture)
 
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.hookpoints import capture, resolve, resolve_all, run_capture, splice
-from sae_toolkit.models import load_model
+from sae_toolkit.model.hookpoints import capture, resolve, resolve_all, run_capture, splice
+from sae_toolkit.model.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

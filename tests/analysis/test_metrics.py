@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_toolkit.analysis.metrics import ModelMetrics, ReconstructionMetrics, density_histogram, kl_div, next_token_ce
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.metrics import ModelMetrics, ReconstructionMetrics, density_histogram, kl_div, next_token_ce
 
 
 def _data(n=300, d=12, d_sae=40, seed=0, offset=0.0):

@@ -21,18 +21,18 @@ from typing import Any
 import torch
 
 from sae_toolkit import __version__
-from sae_toolkit.checkpoint import (
+from sae_toolkit.activations.store import ActivationStore
+from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
+from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     optimizer_from_flat,
     optimizer_to_flat,
     save_checkpoint,
 )
-from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
-from sae_toolkit.schedules import default_lr, lr_at, sparsity_scale_at
-from sae_toolkit.store import ActivationStore
-from sae_toolkit.train_config import RESUMABLE_CHANGES, TrainConfig
+from sae_toolkit.training.config import RESUMABLE_CHANGES, TrainConfig
+from sae_toolkit.training.schedules import default_lr, lr_at, sparsity_scale_at
 from sae_toolkit.units import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
@@ -241,7 +241,7 @@ class Trainer:
         return self.tokens_since_fired >= self.dead_window
 
     def resample(self, bar: Any = None) -> int:
-        from sae_toolkit.resample import resample_dead_latents_
+        from sae_toolkit.training.resample import resample_dead_latents_
 
         inputs = self.store.sample(self.cfg.resample_sample, seed=1 + self.step)
         n = resample_dead_latents_(self.sae, self.opt, self.dead_mask(), inputs, self.generator)

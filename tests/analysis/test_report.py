@@ -11,10 +11,10 @@ import pytest
 import torch
 from _report_helpers import ListTokenizer, brute_force_top, random_file, tiny_model_file
 
-from sae_toolkit.analysis import evaluate, scan, weight_stats
+from sae_toolkit.analysis.evaluation import evaluate, scan, weight_stats
+from sae_toolkit.analysis.report import build_report, load_report, rebuild_html, write_report
 from sae_toolkit.cli import main
-from sae_toolkit.models import load_tokenizer
-from sae_toolkit.report import build_report, load_report, rebuild_html, write_report
+from sae_toolkit.model.loading import load_tokenizer
 from sae_toolkit.sae import SAEConfig, make_sae
 
 PAYLOAD = "<script>alert(1)</script>"
@@ -197,7 +197,7 @@ def test_sae_dir_without_model_and_exports(tmp_path):
 
 
 def test_cli_analyze_on_a_file_larger_than_its_batch_reads_in_chunks(tmp_path, monkeypatch, capsys):
-    import sae_toolkit.store as store
+    import sae_toolkit.activations.store as store
 
     path, _, _ = random_file(tmp_path / "a.h5", n_seqs=40, ctx=16)
     sae = make_sae(SAEConfig(arch="relu", d_in=16, d_sae=24, hookpoint="mlp_out.1"))
@@ -205,7 +205,7 @@ def test_cli_analyze_on_a_file_larger_than_its_batch_reads_in_chunks(tmp_path, m
     reads = []
     real = store._to_float32
     monkeypatch.setattr(store, "_to_float32", lambda raw, dtype: reads.append(len(raw)) or real(raw, dtype))
-    import sae_toolkit.report as report
+    import sae_toolkit.analysis.report as report
 
     real_build = report.build_report
     monkeypatch.setattr(report, "build_report", lambda *a, **kw: real_build(*a, **kw, batch_tokens=64))

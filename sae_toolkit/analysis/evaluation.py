@@ -17,10 +17,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from sae_toolkit.acts_reader import ActsReader
+from sae_toolkit.activations.reader import ActsReader
+from sae_toolkit.analysis.metrics import ModelMetrics, ReconstructionMetrics
+from sae_toolkit.analysis.top_activations import TopActivations
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.metrics import ModelMetrics, ReconstructionMetrics
-from sae_toolkit.top_activations import TopActivations
 
 # Latents x tokens of one chunk's dense latent matrix (float32): ~128 MiB, the bound on the pass's memory.
 _CHUNK_ELEMENTS = 32 * 2**20
@@ -233,7 +233,7 @@ def logit_lens(sae, model, tokenizer=None, *, k: int = 10, hookpoint: str | None
 
 def _through_module(dirs: torch.Tensor, model, hookpoint: str, d_model: int) -> torch.Tensor:
     """[d_sae, d_in] directions at a module's input → [d_sae, d_model] through that (linear) module's weight."""
-    from sae_toolkit.hookpoints import resolve
+    from sae_toolkit.model.hookpoints import resolve
 
     hp = resolve(model, hookpoint)
     W = getattr(hp.module, "weight", None)
@@ -271,7 +271,7 @@ def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_to
     """
     from tqdm.auto import tqdm
 
-    from sae_toolkit.hookpoints import forward_kwargs, resolve, splice
+    from sae_toolkit.model.hookpoints import forward_kwargs, resolve, splice
 
     hp = resolve(model, hookpoint)
     sae = sae.to(device).eval()

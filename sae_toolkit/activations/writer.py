@@ -1,6 +1,6 @@
 """The HDF5 activation file on the writing side (DESIGN §3): create, grow, trim, background batch writer.
 
-Reading and checking a file is acts_file.py; this module owns how the file is laid out and committed.
+Reading and checking a file is format.py; this module owns how the file is laid out and committed.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sae_toolkit.acts_file import FORMAT, FORMAT_VERSION
-from sae_toolkit.acts_file import read_root_attrs as read_root_attrs  # re-exported: its home was here
+from sae_toolkit.activations.format import FORMAT, FORMAT_VERSION
+from sae_toolkit.activations.format import read_root_attrs as read_root_attrs  # re-exported: its home was here
 from sae_toolkit.errors import SAEToolkitError
 
 if TYPE_CHECKING:
     import h5py
 
-    from sae_toolkit.cache import CacheConfig
-    from sae_toolkit.hookpoints import Hookpoint
+    from sae_toolkit.activations.config import CacheConfig
+    from sae_toolkit.model.hookpoints import Hookpoint
 
 # ~1 MiB chunks: one chunk per random block read by the store, few enough chunks for fast sequential reads.
 _CHUNK_BYTES = 1 << 20
@@ -58,7 +58,7 @@ def create_file(
     import h5py
 
     from sae_toolkit import __version__
-    from sae_toolkit.corpus import special_ids
+    from sae_toolkit.model.corpus import special_ids
 
     target, ctx = cfg.n_seqs_target, cfg.context_size
     bos, eos = special_ids(tokenizer)

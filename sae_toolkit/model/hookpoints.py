@@ -92,7 +92,7 @@ _LAYOUTS: dict[str, _Layout] = {
 def resolve(model: nn.Module, name: str) -> Hookpoint:
     """Resolve a hookpoint name against ``model``; an unknown name raises SAEToolkitError listing close matches.
 
-    >>> from sae_toolkit.models import load_model
+    >>> from sae_toolkit.model.loading import load_model
     >>> model, _ = load_model("tiny-llama")
     >>> resolve(model, "mlp_hidden.1")[1:2], resolve(model, "mlp_hidden.1").io
     (('model.layers.1.mlp.down_proj',), 'input')

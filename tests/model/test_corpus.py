@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from _cache_helpers import reference_windows
 
-from sae_toolkit.corpus import open_corpus, token_windows, window_batches
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.models import byte_tokenizer
+from sae_toolkit.model.corpus import open_corpus, token_windows, window_batches
+from sae_toolkit.model.loading import byte_tokenizer
 
 DOCS = ["First document.\nIt has two lines.", "Second one, ünïcode ✓.", "Third: " + "long text " * 40]
 

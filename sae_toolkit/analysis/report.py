@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sae_toolkit import __version__
-from sae_toolkit.analysis import (
+from sae_toolkit.analysis.evaluation import (
     ActsReader,
     LogitLens,
     Scan,
@@ -31,8 +31,8 @@ from sae_toolkit.analysis import (
     scan,
     weight_stats,
 )
+from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.metrics import density_histogram
 from sae_toolkit.units import resolve_device
 
 _HTML_EXAMPLE_LINES = 200_000
@@ -73,7 +73,7 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
         lens, model_m, notes = None, {}, []
         if model:
-            from sae_toolkit.models import load_model
+            from sae_toolkit.model.loading import load_model
 
             mdl, tok = load_model(model, device=device)
             try:
@@ -102,7 +102,7 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
                  model_metrics: dict | None = None, notes: list[str] | None = None, provenance: dict | None = None,
                  run_dir: Path | None = None, html_examples: int = 10) -> Path:
     """Write every file of the report directory from analysis results (build_report's second half)."""
-    from sae_toolkit.exports import write_neuronpedia, write_saebench
+    from sae_toolkit.analysis.exports import write_neuronpedia, write_saebench
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
 
 def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: Path | None,
                 html_examples: int) -> None:
-    from sae_toolkit.html import render
+    from sae_toolkit.analysis.html import render
 
     plots = _plots(out / "plots", metrics, table, run_dir)
     page = render(_page_data(metrics, table, records, plots, html_examples))
@@ -313,7 +313,7 @@ def _training_curves(run_dir: Path | None) -> dict[str, list]:
 
 def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes], html_examples: int) -> dict:
     """What report.html embeds: token strings interned in one vocab list to keep the page small."""
-    from sae_toolkit.html import finite, png_data_uri
+    from sae_toolkit.analysis.html import finite, png_data_uri
 
     vocab: dict[str, int] = {}
 
