@@ -7,11 +7,13 @@ imported lazily so that `sae-toolkit --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 import sae_toolkit
 from sae_toolkit import __version__
-from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.errors import SAEToolkitError, failure_message
 from sae_toolkit.units import parse_size
 
 
@@ -181,19 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="seconds-long version used by the tests")
     d.add_argument("--device", default="auto")
     d.set_defaults(func=_cmd_demo)
+    # --debug works before or after the command name (the sub-parser's copy leaves the global one alone when absent)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or SAE_TOOLKIT_DEBUG=1)")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors are one line on stderr: exit 2 for usage errors, 1 for runtime failures."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except SAEToolkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # SAEToolkitError, and OSError/MemoryError/h5py/pickle errors no check caught
+        if args.debug or os.environ.get("SAE_TOOLKIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        message, code = failure_message(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

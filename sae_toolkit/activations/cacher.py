@@ -7,9 +7,11 @@ background thread writes each batch to HDF5 while the next batch runs through th
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import queue
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,9 @@ import numpy as np
 
 from sae_toolkit.activations.config import FLOAT16_MAX, IDENTITY_FIELDS, CacheConfig
 from sae_toolkit.activations.format import read_root_attrs
+from sae_toolkit.activations.lock import OutputLock
 from sae_toolkit.activations.writer import Writer, create_file, grow_file, trim_file
-from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.errors import RunFailure, SAEToolkitError
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +35,16 @@ def cache_activations(cfg: CacheConfig) -> Path:
 
     Result layout (DESIGN §3): ``tokens`` int32 [n_seqs, context_size]; ``acts/<hookpoint>``
     [n_seqs * context_size, d], row ``s * context_size + p`` = sequence s, position p.
+    Only one run writes a given ``out`` at a time (``<out>.lock``).
     """
+    out = Path(cfg.out).expanduser()
+    if out.is_dir():
+        raise SAEToolkitError(f"--out {out} is a folder; give a file path such as {out / 'acts.h5'}")
+    with OutputLock(out):
+        return _cache_locked(cfg, out)
+
+
+def _cache_locked(cfg: CacheConfig, out: Path) -> Path:
     import torch
     from tqdm.auto import tqdm
 
@@ -41,7 +53,6 @@ def cache_activations(cfg: CacheConfig) -> Path:
     from sae_toolkit.model.loading import canonical_spec, load_model
     from sae_toolkit.units import resolve_device
 
-    out = Path(cfg.out).expanduser()
     identity = _identity(cfg, canonical_spec)
     existing = _check_existing(out, cfg, identity)  # before any slow work: refuse overwrite / bad resume
     if existing is not None and existing[0] >= existing[1]:
@@ -58,41 +69,84 @@ def cache_activations(cfg: CacheConfig) -> Path:
     batches = window_batches(token_windows(documents, tokenizer, cfg.context_size), cfg.batch_size)
     if done:  # regenerate and skip what is stored; the last stored window proves the corpus is unchanged
         batches = _skip_stored(batches, out, done, cfg.batch_size)
-    if done is None:
-        create_file(out, cfg, identity, tokenizer, hookpoints, widths)
-        done, target = 0, cfg.n_seqs_target
-    else:
-        target = grow_file(out, cfg)
-        print(f"resuming {out} after {done} of {target} sequences")
-
-    seq = done
     batches = _prefetch(batches)
-    writer = Writer(out)
+    # The first batch before any file is made: an empty corpus or a bad first record is an error, not a
+    # 0-sequence file that calls itself complete.
+    first = next(batches, None)
+    if first is None and not done:
+        raise SAEToolkitError(
+            f"dataset {cfg.dataset!r} gives no window of {cfg.context_size} tokens (it is empty, whitespace "
+            "only, or shorter than one window); give a corpus with text or a smaller --context-size"
+        )
+    target = cfg.n_seqs_target if done is None else max(cfg.n_seqs_target, existing[1])
+    _check_free_space(out, cfg, widths, target - (done or 0))
+    created = done is None
+    if created:
+        create_file(out, cfg, identity, tokenizer, hookpoints, widths)
+        done = 0
     try:
-        with (
-            torch.inference_mode(),
-            tqdm(
-                total=target * cfg.context_size,
-                initial=done * cfg.context_size,
-                unit="tok",
-                unit_scale=True,
-                desc="cache",
-                dynamic_ncols=True,
-            ) as bar,
-        ):
-            for batch in batches:
-                batch = batch[: target - seq]
-                if len(batch) == 0:
-                    break
-                arrays = _forward(model, hookpoints, batch, cfg, device, seq, out)
-                writer.put(seq, batch, arrays)
-                seq += len(batch)
-                bar.update(batch.size)
-    finally:
-        writer.close()  # commits every batch handed over, even on error or Ctrl-C, so --resume can continue
-    if seq < target:  # the loop ended early without an error: the corpus ran out
-        trim_file(out, seq, cfg)
+        if not created:
+            target = grow_file(out, cfg)
+            print(f"resuming {out} after {done} of {target} sequences")
+        seq = done
+        writer = Writer(out, committed=done)
+        try:
+            with (
+                torch.inference_mode(),
+                tqdm(
+                    total=target * cfg.context_size,
+                    initial=done * cfg.context_size,
+                    unit="tok",
+                    unit_scale=True,
+                    desc="cache",
+                    dynamic_ncols=True,
+                ) as bar,
+            ):
+                for batch in itertools.chain([] if first is None else [first], batches):
+                    batch = batch[: target - seq]
+                    if len(batch) == 0:
+                        break
+                    arrays = _forward(model, hookpoints, batch, cfg, device, seq, out)
+                    writer.put(seq, batch, arrays)
+                    seq += len(batch)
+                    bar.update(batch.size)
+        finally:
+            writer.close()  # commits every batch handed over, even on error or Ctrl-C, so --resume can continue
+        if seq < target:  # the loop ended early without an error: the corpus ran out
+            trim_file(out, seq, cfg)
+    except BaseException:
+        if created and _committed(out) == 0:  # made by this run and holds nothing: no empty file left behind
+            out.unlink(missing_ok=True)
+        raise
     return out
+
+
+def _committed(out: Path) -> int | None:
+    """n_seqs of the file, None when it cannot be read."""
+    try:
+        return int(read_root_attrs(out)["n_seqs"])
+    except Exception:  # unreadable after a failure: keep it, the user decides
+        return None
+
+
+def _check_free_space(out: Path, cfg: CacheConfig, widths: dict[str, int], n_seqs: int) -> None:
+    """Refuse to start a run the disk cannot hold: sequences x (tokens + every hookpoint's rows) vs free bytes."""
+    itemsize = 2 if cfg.dtype in ("float16", "bfloat16") else 4
+    need = n_seqs * cfg.context_size * (4 + itemsize * sum(widths.values()))
+    need += len(widths) * (1 << 20) + (1 << 20)  # up to one unfilled chunk per dataset, plus metadata
+    try:
+        free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    except OSError:
+        return  # no way to know; the writer still stops cleanly if the disk fills
+    if need > free:
+        raise RunFailure(
+            f"caching {n_seqs * cfg.context_size:,} tokens needs about {_mib(need)} in {out.parent}, but only "
+            f"{_mib(free)} is free; free space, pick another --out or lower --tokens"
+        )
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def _identity(cfg: CacheConfig, canonical_spec) -> dict:
@@ -201,14 +255,15 @@ def _forward(
 
 def _raise_bad_values(name: str, peak: float, dtype: str, seq: int, n: int, out: Path) -> None:
     where = f"at hookpoint {name!r} in sequences {seq}-{seq + n - 1}"
-    kept = f"{out} keeps the {seq} good sequences before them"
+    # A file left with 0 sequences is removed by cache_activations, so there is nothing to delete then.
+    kept = f"{out} keeps the {seq} good sequences before them: delete it and" if seq else "nothing was kept;"
     if math.isfinite(peak):
         raise SAEToolkitError(
-            f"activations {where} reach {peak:.4g}, beyond float16's ±65504; {kept}: delete it and rerun with "
+            f"activations {where} reach {peak:.4g}, beyond float16's ±65504; {kept} rerun with "
             "--dtype bfloat16 or float32"
         )
     raise SAEToolkitError(
-        f"the model produced NaN/Inf activations {where}; {kept}: delete it and rerun with --dtype float32 "
+        f"the model produced NaN/Inf activations {where}; {kept} rerun with --dtype float32 "
         "(or bfloat16) and check the model"
     )
 

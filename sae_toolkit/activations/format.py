@@ -9,13 +9,16 @@ The writing side (layout, growing, committing) is writer.py; ActivationStore and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import errno
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.errors import RunFailure, SAEToolkitError
 
 if TYPE_CHECKING:
     import h5py
@@ -32,12 +35,29 @@ def open_acts(path: str | Path) -> h5py.File:
     """
     f = _open(path, fix="pass a file written by `sae-toolkit cache`")
     try:
-        _check_format(root_attrs(f), f.filename, fix="write it with `sae-toolkit cache`",
-                      datasets="acts" in f and "tokens" in f)
+        with damaged(path):
+            _check_format(root_attrs(f), f.filename, fix="write it with `sae-toolkit cache`",
+                          datasets="acts" in f and "tokens" in f)
+            for name in ("tokens", *(f"acts/{n}" for n in f["acts"])):
+                f[name].shape  # noqa: B018 (opening each object reads its header: damage shows here, once)
     except BaseException:
         f.close()
         raise
     return f
+
+
+@contextmanager
+def damaged(path: str | Path) -> Iterator[None]:
+    """Turn the errors h5py raises for a damaged file (bad object headers, truncated data) into one line."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, ValueError, IndexError) as e:
+        if isinstance(e, BlockingIOError) or getattr(e, "errno", None) == errno.ENOSPC:
+            raise
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise SAEToolkitError(f"{str(path)!r} is damaged and cannot be read ({first}); re-create it with "
+                              "`sae-toolkit cache`") from None
 
 
 def read_root_attrs(path: str | Path, *, fix: str = "pass a file written by `sae-toolkit cache`") -> dict:
@@ -45,7 +65,7 @@ def read_root_attrs(path: str | Path, *, fix: str = "pass a file written by `sae
 
     Unlike `open_acts`, the datasets are not required. `fix` says what to do with a file that is not one.
     """
-    with _open(path, fix=fix) as f:
+    with _open(path, fix=fix) as f, damaged(path):
         attrs = root_attrs(f)
     _check_format(attrs, str(path), fix=fix, noun="sae-toolkit")
     return attrs
@@ -76,7 +96,7 @@ def hookpoint_dataset(f: h5py.File, name: str | None, *, d_in: int | None = None
     """
     names = hookpoints(f)
     if name is None or name not in names:
-        fits = [n for n in names if d_in is None or f["acts"][n].shape[1] == d_in]
+        fits = [n for n in names if d_in is None or f["acts"][n].shape[1:] == (d_in,)]
         if name is not None or len(fits) != 1:
             raise SAEToolkitError(f"hookpoint {name!r} is not in {f.filename!r}, which holds "
                                   f"{', '.join(names) or 'nothing'}; pass one of those")
@@ -131,18 +151,56 @@ def _check_format(attrs: Mapping[str, object], where: str, *, fix: str, datasets
     missing = [k for k in ("context_size", "n_seqs") if k not in attrs]
     if missing:
         raise SAEToolkitError(f"{where!r} lacks the root attr(s) {missing}; the file is damaged — {fix}")
+    for key, low in (("context_size", 1), ("n_seqs", 0), ("n_seqs_target", 0)):
+        value = attrs.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SAEToolkitError(f"{where!r} has root attr {key}={value!r}, not an integer >= {low}; the file is "
+                                  f"damaged — {fix}")
+    config = attrs.get("config", "{}")
+    try:
+        parsed = json.loads(config) if isinstance(config, str) else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise SAEToolkitError(f"{where!r} has a root attr config that is not a JSON object ({str(config)[:60]!r}); "
+                              f"the file is damaged — {fix}")
 
 
 def _open(path: str | Path, *, fix: str) -> h5py.File:
     import h5py
 
     where = str(path)
+    if Path(path).is_dir():
+        raise SAEToolkitError(f"{where!r} is a folder, not an activation file; pass the .h5 file written by "
+                              "`sae-toolkit cache`")
     if not Path(path).is_file():
         raise SAEToolkitError(f"activation file {where!r} does not exist; create it with `sae-toolkit cache`")
     try:
         return h5py.File(path, "r")
+    except BlockingIOError:
+        raise RunFailure(f"{where!r} is locked by another process (a `sae-toolkit cache` still writing it?); "
+                         "wait for it to finish") from None
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise RunFailure(f"no permission to read {where!r}; fix its permissions") from None
         raise SAEToolkitError(f"{where!r} is not a readable HDF5 file ({e}); {fix}") from None
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, first_seq: int | list[int] = 0) -> None:
+    """Refuse token ids outside [0, vocab_size): a model would index past its embedding (or crash on CUDA).
+
+    tokens: int [n, context_size] read from sequences first_seq.. (or the listed sequences) of file ``where``.
+    """
+    if tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        row = int(np.argwhere((tokens < 0) | (tokens >= vocab_size))[0][0])
+        seq = first_seq[row] if isinstance(first_seq, list) else first_seq + row
+        raise SAEToolkitError(f"{where!r} holds token id {bad} (sequence {seq}), outside the vocabulary of "
+                              f"{vocab_size} tokens; it was cached with another tokenizer or is damaged — "
+                              "use the model it was cached with, or re-create it with `sae-toolkit cache`")
 
 
 def _plain(value: object) -> object:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_toolkit.activations.format import bos_token_id, hookpoints, open_acts, read_root_attrs, stored_dtype
+from sae_toolkit.activations.format import (
+    bos_token_id,
+    damaged,
+    hookpoint_dataset,
+    hookpoints,
+    open_acts,
+    read_root_attrs,
+    stored_dtype,
+)
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -32,9 +40,11 @@ def describe(path: str) -> str:
         "hookpoints:",
     ]
     try:
-        with open_acts(file) as f:
+        with open_acts(file) as f, damaged(file):
             for name in hookpoints(f):
                 dset = f["acts"][name]
+                if dset.ndim != 2:
+                    hookpoint_dataset(f, name)  # raises its one-line "expected [n_seqs*context_size, d]"
                 a = dset.attrs
                 lines.append(
                     f"  {name:<28} module {a.get('module', '?')} ({a.get('io', '?')}), d={a.get('d', dset.shape[1])}, "

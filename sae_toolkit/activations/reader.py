@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_toolkit.activations.format import bos_token_id, hookpoint_dataset, open_acts, root_attrs, stored_dtype
+from sae_toolkit.activations.format import (
+    bos_token_id,
+    check_token_ids,
+    hookpoint_dataset,
+    open_acts,
+    root_attrs,
+    stored_dtype,
+)
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -66,18 +73,28 @@ class ActsReader:
         start, stop = self.seq_range
         for s0 in range(start, stop, seqs_per_chunk):
             s1 = min(stop, s0 + seqs_per_chunk)
-            toks = torch.from_numpy(self.file["tokens"][s0:s1].astype(np.int64))
+            raw = self.file["tokens"][s0:s1]
+            self._check_ids(raw, s0)
+            toks = torch.from_numpy(raw.astype(np.int64))
             acts = torch.from_numpy(_to_float32(self.dset[s0 * self.ctx:s1 * self.ctx], self.dtype))
             yield torch.arange(s0, s1), toks, acts
 
     def tokens(self, seqs: list[int] | None = None) -> torch.Tensor:
         """Token ids [len(seqs), seq] int64 of the given sequences (default: the range)."""
         if seqs is None:
-            return torch.from_numpy(self.file["tokens"][slice(*self.seq_range)].astype(np.int64))
+            raw = self.file["tokens"][slice(*self.seq_range)]
+            self._check_ids(raw, self.seq_range[0])
+            return torch.from_numpy(raw.astype(np.int64))
         order = sorted(set(seqs))
         rows = self.file["tokens"][order] if order else np.zeros((0, self.ctx), np.int32)
+        self._check_ids(rows, order)
         where = {s: i for i, s in enumerate(order)}
         return torch.from_numpy(rows[[where[s] for s in seqs]].astype(np.int64))
+
+    def _check_ids(self, tokens: np.ndarray, first_seq: int | list[int]) -> None:
+        """Token ids past the tokenizer's vocabulary: a one-line error, not a decode crash."""
+        if self.tokenizer is not None:
+            check_token_ids(tokens, len(self.tokenizer), str(self.path), first_seq)
 
     def decode(self, token_id: int) -> str:
         """One token as text (cached); `<id>` when no tokenizer could be loaded."""

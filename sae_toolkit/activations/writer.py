@@ -1,10 +1,13 @@
 """The HDF5 activation file on the writing side (DESIGN §3): create, grow, trim, background batch writer.
 
 Reading and checking a file is format.py; this module owns how the file is laid out and committed.
+The datasets start empty and grow batch by batch, so a file ends at the size of what it holds (within one
+chunk) even when ``--tokens`` asks for far more than the corpus has.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import queue
@@ -19,7 +22,7 @@ import numpy as np
 
 from sae_toolkit.activations.format import FORMAT, FORMAT_VERSION
 from sae_toolkit.activations.format import read_root_attrs as read_root_attrs  # re-exported: its home was here
-from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.errors import RunFailure
 
 if TYPE_CHECKING:
     import h5py
@@ -38,9 +41,10 @@ def chunk_rows(d: int, itemsize: int, total_rows: int) -> int:
 
 
 def dataset_props() -> h5py.h5p.PropDCID:
-    """Chunk space allocated when a dataset is created or grown, not on the first write: the chunk index is
-    then written once, so a writer killed mid-batch (SIGKILL) leaves consistent metadata, and only raw rows
-    past ``n_seqs`` — which are not data — can be half written. With fill_time="never" the file stays sparse."""
+    """Chunk space allocated when a dataset is created or grown, not on the first write: the chunk index
+    changes only in the writer's resize step, before the rows, so a writer killed mid-batch (SIGKILL) leaves
+    consistent metadata, and only raw rows past ``n_seqs`` — which are not data — can be half written.
+    With fill_time="never" nothing is written for rows that never arrive."""
     import h5py
 
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -51,7 +55,9 @@ def dataset_props() -> h5py.h5p.PropDCID:
 def create_file(
     out: Path, cfg: CacheConfig, identity: dict, tokenizer, hookpoints: list[Hookpoint], widths: dict[str, int]
 ) -> None:
-    """A new file with every root attr, ``tokens`` and one ``acts/<name>`` per hookpoint, sized for the target.
+    """A new file with every root attr, an empty ``tokens`` and one empty ``acts/<name>`` per hookpoint.
+
+    Chunks are sized for the target; the Writer grows the datasets as rows arrive.
 
     ``identity`` holds the canonical model and dataset specs; ``widths`` the activation width d per hookpoint.
     """
@@ -83,7 +89,7 @@ def create_file(
         )
         f.create_dataset(
             "tokens",
-            (target, ctx),
+            (0, ctx),
             np.int32,
             chunks=(chunk_rows(ctx, 4, target), ctx),
             maxshape=(None, ctx),
@@ -96,7 +102,7 @@ def create_file(
             rows = chunk_rows(d, np.dtype(storage).itemsize, target * ctx)
             dset = f.create_dataset(
                 f"acts/{hp.name}",
-                (target * ctx, d),
+                (0, d),
                 storage,
                 chunks=(rows, d),
                 maxshape=(None, d),
@@ -107,15 +113,12 @@ def create_file(
 
 
 def grow_file(out: Path, cfg: CacheConfig) -> int:
-    """On resume, the sequences to reach: the file's target, or a larger --tokens (room made, recorded)."""
+    """On resume, the sequences to reach: the file's target, or a larger --tokens (recorded; the Writer grows
+    the datasets as rows arrive)."""
     import h5py
 
     with h5py.File(out, "r+") as f:
         target = max(cfg.n_seqs_target, int(f.attrs["n_seqs_target"]))
-        if target > f["tokens"].shape[0]:
-            f["tokens"].resize(target, axis=0)
-            for dset in f["acts"].values():
-                dset.resize(target * cfg.context_size, axis=0)
         f.attrs["n_seqs_target"] = target
         stored = json.loads(f.attrs["config"])
         f.attrs["config"] = json.dumps({**stored, "tokens": max(cfg.tokens, stored["tokens"])})
@@ -142,45 +145,104 @@ def trim_file(out: Path, n_seqs: int, cfg: CacheConfig) -> None:
 class Writer:
     """Writes batches to the HDF5 file on a background thread, overlapping the next forward pass.
 
-    Order per batch: rows → flush → ``n_seqs`` attr → flush, so ``n_seqs`` only ever counts flushed rows.
+    Order per batch: grow the datasets → rows → flush → ``n_seqs`` attr → flush, so ``n_seqs`` only ever
+    counts flushed rows. The first failed write stops the thread and is raised by the next ``put``/``close``
+    as one RunFailure; the file then still says truthfully how many sequences it holds, so ``--resume`` works.
     The queue holds two batches: enough to hide a slow write, bounded so memory stays flat.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, committed: int = 0) -> None:
+        """out: the file made by ``create_file``; committed: its ``n_seqs`` now."""
         self.out = out
+        self.committed = committed
+        """Sequences whose rows are flushed and counted in ``n_seqs``."""
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self._raised = False
         self.thread = threading.Thread(target=self._run, name="sae-cache-writer", daemon=True)
         self.thread.start()
 
     def put(self, seq: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
-        """Queue sequences [seq, seq + len(tokens)) for writing; re-raises a failed write."""
-        if self.error is not None:
-            raise SAEToolkitError(f"writing {self.out} failed: {self.error}")
-        self.queue.put((seq, tokens, acts))
+        """Queue sequences [seq, seq + len(tokens)) for writing; raises the first failed write as a RunFailure."""
+        self._check()
+        self._send((seq, tokens, acts))
+        self._check()
 
     def close(self) -> None:
-        """Write and commit everything queued, stop the thread; re-raise a write error."""
-        self.queue.put(None)
+        """Write and commit everything queued, stop the thread; raise a write error not raised yet."""
+        self._send(None)
         self.thread.join()
-        if self.error is not None:
-            raise SAEToolkitError(f"writing {self.out} failed: {self.error}")
+        self._check()
+
+    def _send(self, item: object) -> None:
+        # A thread that died (could not open the file, failed a write) no longer drains the queue: never wait on it.
+        while self.thread.is_alive():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        if self.error is not None and not self._raised:
+            self._raised = True
+            raise write_failure(self.error, self.out, self.committed) from None
 
     def _run(self) -> None:
         import h5py
 
-        with h5py.File(self.out, "r+") as f:
+        try:
+            # No raw-data chunk cache: every row goes to the file inside the write call, so a failed write
+            # (ENOSPC) raises there. With a cache, h5py flushed chunks when a dataset handle was garbage
+            # collected, ignored the error ("Exception ignored in ObjectID.__dealloc__"), committed n_seqs
+            # over rows never written, and the next flush touched the half-closed dataset and segfaulted.
+            f = h5py.File(self.out, "r+", rdcc_nbytes=0)
+        except BaseException as e:  # reported by put()/close(); the thread ends, _send stops waiting
+            self.error = e
+            return
+        try:
+            tokens_dset, acts = f["tokens"], {name: f["acts"][name] for name in f["acts"]}
+            ctx = tokens_dset.shape[1]
             while (item := self.queue.get()) is not None:
-                if self.error is not None:
-                    continue  # keep draining so the producer never blocks on a full queue
-                try:
-                    seq, tokens, acts = item
-                    ctx = tokens.shape[1]
-                    f["tokens"][seq : seq + len(tokens)] = tokens
-                    for name, rows in acts.items():
-                        f["acts"][name][seq * ctx : seq * ctx + len(rows)] = rows
-                    f.flush()
-                    f.attrs["n_seqs"] = seq + len(tokens)
-                    f.flush()
-                except Exception as e:  # reported to the main thread by put()/close()
+                seq, tokens, rows = item
+                end = seq + len(tokens)
+                if end > tokens_dset.shape[0]:
+                    tokens_dset.resize(end, axis=0)
+                    for dset in acts.values():
+                        dset.resize(end * ctx, axis=0)
+                tokens_dset[seq:end] = tokens
+                for name, batch_rows in rows.items():
+                    acts[name][seq * ctx : seq * ctx + len(batch_rows)] = batch_rows
+                f.flush()
+                f.attrs["n_seqs"] = end
+                f.flush()
+                self.committed = end
+        except BaseException as e:  # the first error stops the writer: nothing after it is trusted
+            self.error = e
+        finally:
+            try:
+                f.close()
+            except Exception as e:  # a failed close (disk still full) must not hide the write error
+                if self.error is None:
                     self.error = e
+
+
+def write_failure(error: BaseException, out: Path, committed: int) -> RunFailure:
+    """One-line RunFailure for a failed write to ``out`` after ``committed`` sequences, with what to do."""
+    import shutil
+
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        try:
+            free = f" ({shutil.disk_usage(out.parent).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return RunFailure(
+            f"disk full while writing {out} after {committed} sequences{free}; free space (or move the file "
+            "to a disk with room), then rerun the same command with --resume"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return RunFailure(
+        f"writing {out} failed after {committed} sequences: {first}; fix the cause, then rerun the same "
+        "command with --resume"
+    )

@@ -271,8 +271,12 @@ def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_to
     """
     from tqdm.auto import tqdm
 
+    from sae_toolkit.activations.format import check_token_ids
     from sae_toolkit.model.hookpoints import forward_kwargs, resolve, splice
 
+    embedding = model.get_input_embeddings()
+    if embedding is not None and hasattr(embedding, "num_embeddings"):  # ids past it: IndexError / CUDA assert
+        check_token_ids(input_ids.cpu().numpy(), embedding.num_embeddings, "the activation file")
     hp = resolve(model, hookpoint)
     sae = sae.to(device).eval()
     acc = ModelMetrics()

@@ -51,6 +51,14 @@ def open_corpus(spec: str, *, split: str = "train", text_column: str | None = No
     if path.is_dir():
         return _saved_dataset_documents(path, split, text_column)
     if path.is_file():
+        try:  # a file that cannot be read fails here, before a model loads or an output file is made
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise SAEToolkitError(
+                f"cannot read dataset file {spec!r}: {e.strerror or e}; fix its permissions or copy it somewhere "
+                "readable"
+            ) from None
         suffix = path.suffix.lower()
         if suffix == ".txt":
             return _txt_documents(path)
@@ -180,24 +188,25 @@ def pick_text_column(columns: list[str], text_column: str | None, where: str) ->
 
 
 def _jsonl_documents(path: Path, text_column: str | None) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        first = f.readline()
     try:
+        with path.open("rb") as f:  # bytes: a text-mode read-ahead would trip over a bad byte in a later line
+            first = f.readline().decode("utf-8")
         record = json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise SAEToolkitError(f"{path} line 1 is not JSON; a .jsonl file holds one JSON object per line") from None
     if not isinstance(record, dict):
         raise SAEToolkitError(f'{path} line 1 is not a JSON object; each line must be like {{"text": "..."}}')
     column = pick_text_column(list(record), text_column, str(path))
 
     def documents() -> Iterator[str]:
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
+        # Bytes, decoded per line: a line that is not UTF-8 is named like any other bad line.
+        with path.open("rb") as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    text = json.loads(line).get(column)
-                except (json.JSONDecodeError, AttributeError):
+                    text = json.loads(raw.decode("utf-8")).get(column)
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                     raise SAEToolkitError(f"{path} line {i} is not a JSON object; fix or remove that line") from None
                 if isinstance(text, str) and text.strip():
                     yield text

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -160,6 +161,8 @@ def _from_pretrained(source: str, dtype: torch.dtype) -> PreTrainedModel:
     for auto in _auto_classes(config.model_type):
         try:
             return auto.from_pretrained(source, dtype=dtype)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused code in a .bin pickle
+            raise SAEToolkitError(_pickle_refusal(source, e)) from None
         except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel"
             last_error = e
         except OSError as e:
@@ -347,6 +350,16 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
             pad_token=pad,
             model_max_length=1 << 30,
         )
+
+
+def _pickle_refusal(source: str, e: BaseException) -> str:
+    """One line for a weights pickle that torch refused to unpickle (it names a callable, e.g. posix.system)."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    what = f" (it calls {found.group(1)})" if found else ""
+    return (
+        f"refused to load the weights of model {source!r}: its pickle (.bin) file holds code, not just tensors"
+        f"{what}; nothing was run — use a copy saved as safetensors from a source you trust"
+    )
 
 
 def _first_line(e: BaseException | None) -> str:

@@ -116,6 +116,8 @@ class TrainConfig:
             raise SAEToolkitError(f"arch {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
         if not self.out:
             raise SAEToolkitError("no run directory given; pass --out RUN_DIR")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise SAEToolkitError(f"seed={self.seed!r} must be an integer from 0 to 2**32 - 1, e.g. --seed 0")
         for name in ("expansion", "k", "batch_size", "init_sample", "log_every", "checkpoint_every",
                      "resample_sample", "prefetch"):
             _check_positive_int(name, getattr(self, name))
