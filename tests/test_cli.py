@@ -74,3 +74,77 @@ def test_package_reexports_resolve():
         assert getattr(sae_toolkit, name) is not None, name
     with pytest.raises(AttributeError, match="no_such_name"):
         sae_toolkit.no_such_name  # noqa: B018
+
+
+def _info_raises(monkeypatch, error):
+    from sae_toolkit.activations import info
+
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr(info, "describe", fail)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (OSError(28, "No space left on device", "/data/x.h5"),
+         "disk full writing /data/x.h5; free space or pick an --out on another disk"),
+        (OSError(30, "Read-only file system", "/ro/run"), "/ro/run is on a read-only filesystem; pick an --out"),
+        (PermissionError(13, "Permission denied", "/root/run"), "permission denied for /root/run; pick an --out you"),
+        (FileExistsError(17, "File exists", "/tmp/nowhere-i10a/x"), "/tmp/nowhere-i10a/x already exists; pick another"),
+        (NotADirectoryError(20, "Not a directory", __file__ + "/x/y"),
+         f"{__file__}/x/y: {__file__} is a regular file, not a folder"),
+        # h5py's own OSError: no errno attribute, the errno and the file name inside the message
+        (OSError("Unable to synchronously create file (unable to open file: name = '/data/y.h5', errno = 28, "
+                 "error message = 'No space left on device')"), "disk full writing /data/y.h5"),
+        (MemoryError("Unable to allocate 64.0 GiB"), "out of memory (Unable to allocate 64.0 GiB); lower --batch-size"),
+        (__import__("pickle").UnpicklingError("Weights only load failed.\nmore"), "refused to unpickle a file"),
+        (ValueError("something nobody checked"),
+         "unexpected ValueError: something nobody checked (rerun with --debug for the traceback)"),
+    ],
+)
+def test_top_level_handler_is_one_line_exit_1(monkeypatch, capsys, error, message):
+    _info_raises(monkeypatch, error)
+    assert main(["info", "f.h5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+def test_exit_codes_and_debug_traceback(monkeypatch, capsys):
+    from sae_toolkit.errors import RunFailure
+
+    _info_raises(monkeypatch, RunFailure("the lock is held"))
+    assert main(["info", "f.h5"]) == 1
+    assert capsys.readouterr().err == "error: the lock is held\n"
+    _info_raises(monkeypatch, SAEToolkitError("bad value"))
+    assert main(["info", "f.h5"]) == 2  # usage errors keep exit 2
+    assert capsys.readouterr().err == "error: bad value\n"
+    _info_raises(monkeypatch, OSError(28, "No space left on device", "/d/x.h5"))
+    for argv in (["--debug", "info", "f.h5"], ["info", "f.h5", "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("error: disk")
+    monkeypatch.setenv("SAE_TOOLKIT_DEBUG", "1")
+    assert main(["info", "f.h5"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("SAE_TOOLKIT_DEBUG", "0")
+    assert main(["info", "f.h5"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_out_under_a_regular_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(["cache", "--model", "tiny-llama", "--hookpoint", "mlp_out.1", "--dataset", "builtin:pydoc",
+                 "--tokens", "64", "--context-size", "32", "--device", "cpu", "--out", str(blocker / "a.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {blocker} is a file where a folder is needed; pick another --out (nothing was changed)\n"
+    assert blocker.read_text() == "mine"
+
+
+def test_negative_seed_is_a_usage_error(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "a.h5"), "--hookpoint", "h", "--arch", "topk", "--out", str(tmp_path / "r"),
+                 "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "error: seed=-1 must be an integer from 0 to 2**32 - 1, e.g. --seed 0\n"

@@ -110,3 +110,30 @@ def test_tokenizer_without_bos_starts_windows_with_eos():
     no_bos = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|eos|>")
     windows = np.concatenate(list(token_windows(DOCS, no_bos, 16)))
     assert (windows[:, 0] == 1).all()
+
+
+def test_unreadable_file_fails_before_reading(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text\n")
+    real_open = Path.open
+
+    def no_permission(self, *args, **kwargs):  # as chmod 000 for a non-root user (root reads anything)
+        if self == corpus:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_permission)
+    with pytest.raises(SAEToolkitError, match=r"cannot read dataset file .*c.txt': Permission denied; fix its "
+                                              "permissions"):
+        open_corpus(str(corpus))
+
+
+def test_jsonl_bad_later_line_is_named(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(b'{"text": "one"}\n{"text": "two"}\n[1, 2]\n\xff\n')
+    docs = open_corpus(str(corpus))
+    assert next(docs) == "one" and next(docs) == "two"
+    with pytest.raises(SAEToolkitError, match="c.jsonl line 3 is not a JSON object; fix or remove that line"):
+        next(docs)

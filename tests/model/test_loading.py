@@ -135,3 +135,35 @@ def test_smollm2_builtin_loads_from_the_dequantized_cache():
         "rms_norm_eps",
     ):
         assert getattr(real, key) == pytest.approx(getattr(fake, key)), key
+
+
+class _RunsCode:
+    """Unpickling this runs os.system: what a hostile pytorch_model.bin holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_in_one_line(tmp_path, capsys):
+    model, tokenizer = load_model("tiny-llama")
+    folder = tmp_path / "evil"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"model.embed_tokens.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(SAEToolkitError, match=r"refused to load the weights of model .*evil'.*holds code.*"
+                                              r"\(it calls posix\.system\); nothing was run"):
+        load_model(str(folder))
+    from sae_toolkit import cli
+
+    rc = cli.main(["cache", "--model", str(folder), "--hookpoint", "mlp_out.1", "--dataset", "builtin:pydoc",
+                   "--tokens", "64", "--context-size", "32", "--device", "cpu", "--out", str(tmp_path / "a.h5")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: refused to load") and "\n" not in err, err
+    assert not marker.exists() and not (tmp_path / "a.h5").exists()
