@@ -82,7 +82,13 @@ def _cache_locked(cfg: CacheConfig, out: Path) -> Path:
     _check_free_space(out, cfg, widths, target - (done or 0))
     created = done is None
     if created:
-        create_file(out, cfg, identity, tokenizer, hookpoints, widths)
+        try:
+            create_file(out, cfg, identity, tokenizer, hookpoints, widths)
+        except FileExistsError:  # made by someone else since the check: not ours to remove
+            raise
+        except BaseException:  # half made by this run (disk full, Ctrl-C): remove it
+            out.unlink(missing_ok=True)
+            raise
         done = 0
     try:
         if not created:

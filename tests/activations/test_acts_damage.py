@@ -89,3 +89,22 @@ def test_token_ids_outside_the_vocabulary(tmp_path):
     with pytest.raises(SAEToolkitError, match="holds token id -1 \\(sequence 4\\)"):
         check_token_ids(np.array([[3, -1]]), 10, "x.h5", first_seq=4)
     check_token_ids(np.array([[0, 9]]), 10, "x.h5")  # in range: fine
+
+
+def test_info_on_a_file_another_process_writes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    path = write_acts(tmp_path / "a.h5")
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert cli.main(["info", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"error: {str(path)!r} is locked by another process (a `sae-toolkit cache` still writing "
+                       "it?); wait for it to finish\n")
+    finally:
+        holder.communicate("", timeout=30)
+    assert "stored:       2 sequences" in describe(str(path))
