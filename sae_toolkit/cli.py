@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # SAEToolkitError, and OSError/MemoryError/h5py/pickle errors no check caught
         if args.debug or os.environ.get("SAE_TOOLKIT_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        message, code = failure_message(e)
+        message, code = failure_message(e, getattr(args, "out", None))
         print(f"error: {message}", file=sys.stderr)
         return code
     return 0

@@ -17,11 +17,13 @@ class RunFailure(SAEToolkitError):
     """CLI exit status: 1, a runtime failure."""
 
 
-def failure_message(error: BaseException) -> tuple[str, int]:
+def failure_message(error: BaseException, out: str | None = None) -> tuple[str, int]:
     """(one-line message, CLI exit status) for an exception no specific check turned into an SAEToolkitError.
 
     OSError (h5py's included: its messages carry ``errno = N`` and ``name = '...'``) names the path and the
     fix by errno; MemoryError and torch's OutOfMemoryError say what to shrink; a refused pickle says why.
+    Errors of other classes that carry an OS error (safetensors' ``(os error 28)``) count as that OSError.
+    ``out`` (the command's --out) names the place when the error does not.
     Anything else is an unexpected failure: its type and first line, and how to see the traceback.
     """
     import errno
@@ -38,14 +40,14 @@ def failure_message(error: BaseException) -> tuple[str, int]:
     if isinstance(error, pickle.UnpicklingError):
         return (f"refused to unpickle a file ({first}); pickles can run code — use safetensors files "
                 "from a source you trust"), 1
-    if isinstance(error, OSError):
-        code = error.errno
-        found = re.search(r"errno = (\d+)", text)
+    found = re.search(r"errno = (\d+)|\(os error (\d+)\)|\[Errno (\d+)\]", text)
+    if isinstance(error, OSError) or found:
+        code = getattr(error, "errno", None)
         if code is None and found:
-            code = int(found.group(1))
+            code = int(next(g for g in found.groups() if g))
         name = re.search(r"(?:file )?name = '([^']*)'", text)
-        path = error.filename or (name.group(1) if name else None)
-        where = f"{path}" if path else "a file"
+        path = getattr(error, "filename", None) or (name.group(1) if name else None)
+        where = path or out or "a file"
         fixes = {
             errno.ENOSPC: f"disk full writing {where}; free space or pick an --out on another disk, then rerun "
                           "(cache and train continue with --resume)",

@@ -148,3 +148,16 @@ def test_negative_seed_is_a_usage_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "a.h5"), "--hookpoint", "h", "--arch", "topk", "--out", str(tmp_path / "r"),
                  "--seed", "-1"]) == 2
     assert capsys.readouterr().err == "error: seed=-1 must be an integer from 0 to 2**32 - 1, e.g. --seed 0\n"
+
+
+def test_os_errors_inside_other_exceptions_and_the_out_hint():
+    from sae_toolkit.errors import failure_message
+
+    class SafetensorError(Exception):  # safetensors' Rust error: no errno attribute, no file name
+        pass
+
+    message, code = failure_message(SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                    "(os error 28)"), "/runs/r1")
+    assert (message, code) == ("disk full writing /runs/r1; free space or pick an --out on another disk, then rerun "
+                               "(cache and train continue with --resume)", 1)
+    assert failure_message(OSError(30, "Read-only file system"), "/ro/x")[0].startswith("/ro/x is on a read-only")
