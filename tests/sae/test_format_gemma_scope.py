@@ -23,7 +23,7 @@ def gemma_scope_forward(path, x: torch.Tensor):
 def test_gemma_scope_folder_matches_the_tutorial(tmp_path):
     path = write_gemma_scope(tmp_path / "gemma-scope-2b-pt-res" / "layer_20" / "width_16k" / "average_l0_71",
                              random_weights(D_IN, D_SAE, seed=1))
-    sae = SAE.load(path)
+    sae = SAE.load(path / "params.npz")  # the weight file itself also names the SAE
     assert (sae.cfg.arch, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.dtype) == ("jumprelu", D_IN, D_SAE, "float32")
     assert sae.cfg.hookpoint == "resid_post.20" and sae.cfg.model == "google/gemma-2-2b"
     assert sae.cfg.apply_b_dec_to_input is False

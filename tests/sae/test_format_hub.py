@@ -1,6 +1,8 @@
 """hf:ORG/REPO[/SUBFOLDER] sources: read from a Hugging Face cache laid out as huggingface_hub lays it out, and
 the offline fallback of the download; nothing is downloaded."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from _formats_helpers import random_weights, write_gemma_scope, write_saelens, write_sparsify
@@ -36,7 +38,7 @@ def test_hub_ids_read_the_local_cache_offline(hf_cache):
     w = random_weights(8, 32, seed=3)
     write_sparsify(snap / "layers.1", w, k=4)
     write_sparsify(snap / "layers.2", random_weights(8, 32, seed=4), k=4)
-    sae = SAE.load("hf:EleutherAI/sae-tiny-32x/layers.1")
+    sae = SAE.load(Path("hf:EleutherAI/sae-tiny-32x/layers.1"))  # analyze passes it on as a Path
     assert sae.cfg.hookpoint == "resid_post.1" and sae.cfg.extra["source"] == "hf:EleutherAI/sae-tiny-32x/layers.1"
     torch.testing.assert_close(sae.W_dec, w["W_dec"])
     with pytest.raises(SAEToolkitError, match="no folder 'layers.9'"):

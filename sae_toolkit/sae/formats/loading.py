@@ -54,13 +54,14 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu") -> SAE | 
     if hub.is_hub_id(str(path)):
         return load_sae(str(path), device)
     p = Path(path)
-    if not p.exists() or p.is_file() and p.name not in _WEIGHT_FILES:
+    if p.is_file() and p.name in _WEIGHT_FILES:
+        return load_sae(p.parent, device)
+    if not p.is_dir():
         return None
-    folder = p.parent if p.is_file() else p
-    fmt = detect(folder)
-    if fmt == "sae_toolkit" or fmt is None and (folder / "sae" / "cfg.json").is_file():
+    fmt = detect(p)
+    if fmt == "sae_toolkit" or fmt is None and (p / "sae" / "cfg.json").is_file():
         return None
-    return load_sae(folder, device)
+    return load_sae(p, device)
 
 
 def import_sae(source: str | Path, out: str | Path, *, hookpoint: str | None = None) -> tuple[Path, SAE]:
