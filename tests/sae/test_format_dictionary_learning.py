@@ -116,3 +116,31 @@ def test_pickled_objects_are_never_loaded(tmp_path):
     torch.save({"x": torch.zeros(2)}, path / "ae.pt")
     with pytest.raises(SAEToolkitError, match="dict_class 'CrossCoder'"):
         SAE.load(path)
+
+
+def test_real_dictionary_learning_files_load(tmp_path):
+    """Runs where dictionary_learning is installed (not a dependency): their classes' ae.pt give equal outputs."""
+    pytest.importorskip("dictionary_learning", reason="dictionary_learning not installed; fixtures follow its files")
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    torch.manual_seed(0)
+    x = torch.randn(64, D_IN)
+    for cls in (AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE):
+        ae = cls(D_IN, D_SAE, K) if cls in (AutoEncoderTopK, BatchTopKSAE) else cls(D_IN, D_SAE)
+        with torch.no_grad():
+            for n, p in ae.named_parameters():
+                p.copy_(torch.rand_like(p) * 0.5 if n == "threshold" else torch.randn_like(p) * 0.3)
+            if cls is BatchTopKSAE:
+                ae.threshold.fill_(0.4)
+        path = tmp_path / cls.__name__
+        path.mkdir()
+        torch.save(ae.state_dict(), path / "ae.pt")
+        (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls.__name__, "layer": 2}}))
+        theirs = cls.from_pretrained(path / "ae.pt")
+        with torch.no_grad():
+            x_hat, f = theirs(x, output_features=True)
+            ours = SAE.load(path)
+            torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5, msg=cls.__name__)
+            torch.testing.assert_close(ours(x).x_hat, x_hat, rtol=1e-5, atol=1e-5, msg=cls.__name__)

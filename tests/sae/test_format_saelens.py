@@ -43,7 +43,9 @@ def saelens_forward(cfg: dict, w: dict[str, torch.Tensor], x: torch.Tensor):
     elif arch == "jumprelu":
         f = pre.relu() * (pre > w["threshold"]).double()
     elif arch == "batchtopk":  # SAELens saves it for inference as jumprelu with the threshold broadcast
-        f = pre.relu() * (pre > w["topk_threshold"]).double()
+        n = w["W_dec"].norm(dim=-1) if cfg.get("rescale_acts_by_decoder_norm") else torch.ones(w["W_dec"].shape[0])
+        f = (pre * n).relu() * (pre * n > w["topk_threshold"]).double()
+        return f, (f / n) @ w["W_dec"] + w["b_dec"]
     else:
         raise AssertionError(arch)
     if cfg.get("finetuning_scaling_factor"):
@@ -90,8 +92,9 @@ def test_apply_b_dec_to_input_is_honoured(tmp_path):
     assert not torch.allclose(on.encode(x), off.encode(x))
 
 
-def test_topk_rescaled_by_decoder_norm_is_folded(tmp_path):
-    path = write_saelens(tmp_path / "sl", "topk", random_weights(D_IN, D_SAE, seed=3), k=K,
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_rescaled_by_decoder_norm_is_folded(arch, tmp_path):
+    path = write_saelens(tmp_path / "sl", arch, random_weights(D_IN, D_SAE, seed=3), k=K,
                          extra_cfg={"rescale_acts_by_decoder_norm": True})
     sae = SAE.load(path)
     check_matches(sae, path, torch.randn(64, D_IN))
@@ -121,10 +124,10 @@ def test_expected_average_only_in_scale_is_folded(layout, tmp_path):
     torch.testing.assert_close(x_hat.double(), x_hat_ref / s, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["constant_norm_rescale", "layer_norm"])
-def test_per_token_normalization_is_refused(mode, tmp_path):
+@pytest.mark.parametrize("mode", ["constant_norm_rescale", "layer_norm", "covariance_whitening"])
+def test_unfoldable_normalization_is_refused(mode, tmp_path):
     path = write_saelens(tmp_path / "sl", "standard", random_weights(D_IN, D_SAE), normalize_activations=mode)
-    with pytest.raises(SAEToolkitError, match=f"normalize_activations='{mode}'.*cannot be folded"):
+    with pytest.raises(SAEToolkitError, match=f"normalize_activations='{mode}'.*(cannot be folded|cannot fold)"):
         SAE.load(path)
 
 
@@ -168,3 +171,42 @@ def test_unsupported_saelens_files_are_clear_errors(tmp_path):
     save_file({"W_enc": w["W_enc"]}, str(path / "sae_weights.safetensors"))
     with pytest.raises(SAEToolkitError, match="lacks tensor 'W_dec'"):
         SAE.load(path)
+
+
+def test_real_saelens_save_model_loads(tmp_path):
+    """Runs where sae-lens is installed (not a dependency): folders its save_model writes load with equal outputs."""
+    pytest.importorskip("sae_lens", reason="sae-lens not installed; the fixtures above follow its save_model")
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    saes = {
+        "standard": StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE)),
+        "topk": TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=True)),
+        "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False)),
+        "gated": GatedSAE(GatedSAEConfig(d_in=D_IN, d_sae=D_SAE)),
+        "batchtopk": BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K)),
+    }
+    torch.manual_seed(0)
+    x = torch.randn(64, D_IN)
+    for name, theirs in saes.items():
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                p.copy_(torch.rand_like(p) * 0.5 if "threshold" in n else torch.randn_like(p) * 0.3)
+        theirs.cfg.metadata["hook_name"] = "blocks.2.hook_resid_post"
+        theirs.save_model(tmp_path / name)
+        if name == "batchtopk":  # their inference model is a jumprelu built from the training save
+            theirs.topk_threshold = torch.tensor(0.3, dtype=torch.double)
+            theirs.save_model(tmp_path / name)
+            theirs.save_inference_model(tmp_path / "bt_inference")
+            from sae_lens import SAE as LensSAE
+
+            theirs = LensSAE.load_from_disk(str(tmp_path / "bt_inference"))
+        ours = SAE.load(tmp_path / name)
+        assert ours.cfg.hookpoint == "resid_post.2", name
+        with torch.no_grad():
+            f = theirs.encode(x)
+            torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(ours(x).x_hat, theirs.decode(f), rtol=1e-5, atol=1e-5, msg=name)

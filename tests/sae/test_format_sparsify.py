@@ -68,3 +68,22 @@ def test_unsupported_sparsify_variants_are_refused(extra, match, tmp_path):
     path = write_sparsify(tmp_path / "layers.0", random_weights(D_IN, D_SAE), K, **extra)
     with pytest.raises(SAEToolkitError, match=match):
         SAE.load(path)
+
+
+def test_real_sparsify_save_to_disk_loads(tmp_path):
+    """Runs where sparsify is installed (not a dependency): its save_to_disk folder loads with equal outputs."""
+    sparsify = pytest.importorskip("sparsify", reason="sparsify not installed; the fixtures above follow its files")
+    theirs = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(k=K, num_latents=D_SAE))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    theirs.save_to_disk(tmp_path / "layers.4.mlp")
+    ours = SAE.load(tmp_path / "layers.4.mlp")
+    assert ours.cfg.hookpoint == "mlp_out.4"
+    x = torch.randn(64, D_IN)
+    with torch.no_grad():
+        acts, idx, _ = theirs.encode(x)
+        f = torch.zeros(64, D_SAE).scatter(-1, idx, acts)
+        torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x).x_hat, theirs.decode(acts, idx), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@
 Their forward (sae_lens/saes/*_sae.py): x̃ = x − b_dec·apply_b_dec_to_input, π = x̃ W_enc + b_enc, then
 standard ReLU(π); topk the k largest of π, ReLU'd (with `rescale_acts_by_decoder_norm` the choice is made on
 π·‖W_dec,i‖ and decoding divides by it again); jumprelu ReLU(π)·1[π > threshold]; gated 1[x̃W_enc + b_gate > 0]·
-ReLU(x̃(W_enc·exp r_mag) + b_mag); a batchtopk training save keeps a scalar `topk_threshold` used like jumprelu's.
+ReLU(x̃(W_enc·exp r_mag) + b_mag); a batchtopk training save keeps a scalar `topk_threshold` that SAELens' inference
+save turns into jumprelu's (after folding the decoder norms when `rescale_acts_by_decoder_norm`, its default).
 x̂ = f W_dec + b_dec. Everything that can be folded into fixed weights is: the decoder-norm rescaling, the old
 `finetuning_scaling_factor`, and an `expected_average_only_in` scale stored beside the SAE.
 """
@@ -107,8 +108,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> SAE:
                 " SAE with SAELens (it stores the threshold as a jumprelu) and load that"
             )
         tensors["threshold"] = w["topk_threshold"].reshape(())
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            raise SAEToolkitError(f"{path}: rescale_acts_by_decoder_norm with {arch} is not supported")
+        if cfg.get("rescale_acts_by_decoder_norm"):  # SAELens' default; its inference save folds the same way
+            _fold_decoder_norm(tensors)
     source = {
         "source_format": "saelens", "source": str(path), "saelens_architecture": arch,
         "saelens_hook_name": cfg.get("hook_name"), "context_size": cfg.get("context_size"),
@@ -175,7 +176,12 @@ def _norm_scale(cfg: dict[str, Any], path: Path) -> float:
         if not 0 < factor < float("inf"):
             raise SAEToolkitError(f"{scaler} has scaling_factor={factor!r}; it must be a positive finite number")
         return factor
+    if mode in ("constant_norm_rescale", "layer_norm"):
+        raise SAEToolkitError(
+            f"{path / CFG} has normalize_activations={mode!r}, which rescales every token by its own statistics at"
+            " run time; that cannot be folded into fixed weights, so sae-toolkit cannot load this SAE"
+        )
     raise SAEToolkitError(
-        f"{path / CFG} has normalize_activations={mode!r}, which rescales every token by its own statistics at run"
-        " time; that cannot be folded into fixed weights, so sae-toolkit cannot load this SAE"
+        f"{path / CFG} has normalize_activations={mode!r}, which sae-toolkit cannot fold; fold it with SAELens"
+        " (e.g. its fold_activation_* methods), save_model, and load that"
     )
