@@ -1,5 +1,5 @@
 """Stage 3, the SAE: an SAEConfig → an SAE module (one file per architecture family, registered in registry.py),
-its sparse kernels, and its directory format (save/load, SAELens export).
+its sparse kernels, and its directory format (save/load, SAELens export); formats/ reads other toolkits' SAEs.
 """
 
 from sae_toolkit.sae.base import SAE, SAEOutput, TrainOutput
