@@ -111,6 +111,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} SAE to {out}")
 
 
+def _cmd_import(args: argparse.Namespace) -> None:
+    from sae_toolkit.sae import import_sae
+
+    out, sae = import_sae(args.src, args.out, hookpoint=args.hookpoint)
+    fmt = sae.cfg.extra.get("source_format", "sae-toolkit")
+    print(f"wrote sae-toolkit SAE ({sae.cfg.arch}, d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, hookpoint "
+          f"{sae.cfg.hookpoint or '?'}) imported from {fmt} to {out}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sae_toolkit.demo import run_demo
 
@@ -177,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=["saelens"])
     e.add_argument("--out", required=True)
     e.set_defaults(func=_cmd_export)
+
+    m = sub.add_parser("import", help="convert an SAE of another toolkit (SAELens, sparsify, Gemma Scope, "
+                       "dictionary_learning, hf:ORG/REPO[/SUB]) into an sae-toolkit SAE directory")
+    m.add_argument("src", help="SAE folder or hf:ORG/REPO[/SUBFOLDER]")
+    m.add_argument("--out", required=True, help="new SAE directory")
+    m.add_argument("--hookpoint", default=None,
+                   help="our hookpoint for the SAE (overrides the mapped one), or the sub-folder to pick")
+    m.set_defaults(func=_cmd_import)
 
     d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
     d.add_argument("--out", default="demo_out")

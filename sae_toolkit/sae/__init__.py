@@ -1,18 +1,16 @@
 """Stage 3, the SAE: an SAEConfig → an SAE module (one file per architecture family, registered in registry.py),
-its sparse kernels, and its directory format (save/load, SAELens export).
+its sparse kernels, and its directory format (save/load, SAELens export); formats/ reads other toolkits' SAEs.
 """
 
 from sae_toolkit.sae.base import SAE, SAEOutput, TrainOutput
 from sae_toolkit.sae.config import ARCHS, SAEConfig
 from sae_toolkit.sae.export import export_saelens
+from sae_toolkit.sae.formats import import_sae, load_sae
 from sae_toolkit.sae.gated import GatedSAE
 from sae_toolkit.sae.jumprelu import JumpReLUSAE
 from sae_toolkit.sae.registry import make_sae, register
 from sae_toolkit.sae.relu import ReLUSAE
 from sae_toolkit.sae.topk import BatchTopKSAE, TopKSAE
-
-load_sae = SAE.load
-"""Friendly alias: load_sae(path, device="cpu") → the SAE in an SAE directory (or RUN_DIR/sae)."""
 
 __all__ = [
     "ARCHS",
@@ -26,6 +24,7 @@ __all__ = [
     "TopKSAE",
     "TrainOutput",
     "export_saelens",
+    "import_sae",
     "load_sae",
     "make_sae",
     "register",

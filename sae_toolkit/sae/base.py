@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.config import ARCHS, SAEConfig
-from sae_toolkit.sae.registry import make_sae
+from sae_toolkit.sae.registry import load_foreign, make_sae
 
 __all__ = ["ARCHS", "SAE", "SAEConfig", "SAEOutput", "TrainOutput"]
 
@@ -238,10 +238,14 @@ class SAE(nn.Module, ABC):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load an SAE directory (or a training run directory holding `sae/`) in eval mode; the class follows
-        cfg.json's arch. Call .train() to continue training it."""
+        cfg.json's arch. Call .train() to continue training it. Other toolkits' SAE folders (SAELens, sparsify,
+        Gemma Scope, dictionary_learning) and hf:ORG/REPO[/SUBFOLDER] ids load too (sae/formats/)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        foreign = load_foreign(path, device)  # sae/formats registers its loader in the registry (no import circle)
+        if foreign is not None:
+            return foreign
         path = _sae_dir(Path(path))
         try:
             d = json.loads((path / CFG_NAME).read_text())

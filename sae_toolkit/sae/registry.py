@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -15,6 +16,10 @@ from sae_toolkit.sae.config import SAEConfig
 
 _CLASSES: dict[str, type] = {}
 C = TypeVar("C", bound=type)
+
+# Loaders of other toolkits' SAE formats (sae/formats registers one): SAE.load asks them first. They import
+# sae.base, so base reaches them through here rather than by importing them.
+_FOREIGN_LOADERS: list[Callable[..., nn.Module | None]] = []
 
 
 def register(cls: C) -> C:
@@ -36,3 +41,19 @@ def sae_class(arch: str) -> type[nn.Module]:
 def make_sae(cfg: SAEConfig, device: str | torch.device | None = None) -> nn.Module:
     """Build a freshly initialised SAE (a `sae_toolkit.sae.SAE`) of cfg.arch on `device`."""
     return sae_class(cfg.arch)(cfg, device=device)
+
+
+def register_foreign_loader(fn: Callable[..., nn.Module | None]) -> None:
+    """Make `fn(path, device)` a loader SAE.load tries first; it returns the SAE, or None for paths it leaves to
+    SAE.load (our own directories)."""
+    if fn not in _FOREIGN_LOADERS:
+        _FOREIGN_LOADERS.append(fn)
+
+
+def load_foreign(path: object, device: str | torch.device = "cpu") -> nn.Module | None:
+    """The SAE at `path` when a registered foreign-format loader takes it, else None."""
+    for fn in _FOREIGN_LOADERS:
+        sae = fn(path, device)
+        if sae is not None:
+            return sae
+    return None

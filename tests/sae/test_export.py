@@ -150,10 +150,15 @@ def test_export_reads_provenance_from_the_activation_file(tmp_path):
     assert meta["context_size"] is None and meta["dataset_path"] is None
 
 
-def test_loading_a_saelens_directory_says_so(tmp_path):
-    out = export_saelens(make_sae(SAEConfig(arch="relu", d_in=4, d_sae=8)).save(tmp_path / "sae"), tmp_path / "sl")
-    (out / "sae.safetensors").write_bytes((out / "sae_weights.safetensors").read_bytes())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_exported_saelens_directory_loads_back(arch, tmp_path):
+    # issue 13: SAE.load used to refuse SAELens' format; now it reads it (sae/formats/saelens.py)
     from sae_toolkit.sae import load_sae
 
-    with pytest.raises(SAEToolkitError, match="SAELens' format"):
-        load_sae(out)
+    sae = _trained(arch)
+    back = load_sae(export_saelens(sae.save(tmp_path / "sae"), tmp_path / "sl"))
+    assert back.cfg.hookpoint == "mlp_out.3" and back.cfg.model == "tiny-llama"
+    x = torch.randn(20, D_IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).x_hat, sae(x).x_hat, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=1e-9, atol=1e-9)
