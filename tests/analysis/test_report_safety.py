@@ -4,14 +4,11 @@ activations or weights, bad flags, someone else's --out, and a kill in the middl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from _report_helpers import perfect_relu_sae, random_file, tiny_model_file, write_acts
+from _report_helpers import perfect_relu_sae, random_file, write_acts
 
 import sae_toolkit.analysis.exports as exports
 from sae_toolkit.analysis.report import build_report, load_report
@@ -32,22 +29,6 @@ def _sae(tmp_path, name: str, d_sae: int, seed: int = 0, **kw):
 
 # ---- all at once ----
 
-_KILLER = """
-import os, signal, sys
-import sae_toolkit.analysis.exports as exports
-exports.NEURONPEDIA_BATCH = 8
-real, seen = exports.neuronpedia_feature, []
-def feature(rec):  # SIGKILL once two batches are on disk: the point where the old code left 2 of 5 batches
-    seen.append(1)
-    if len(seen) > 2 * exports.NEURONPEDIA_BATCH:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(rec)
-exports.neuronpedia_feature = feature
-from sae_toolkit.analysis.report import build_report
-build_report(sys.argv[1], acts=sys.argv[2], out=sys.argv[3], device="cpu", top_k=2)
-"""
-
-
 def test_kill_mid_rewrite_keeps_the_old_report_and_a_rewrite_leaves_no_stale_files(tmp_path, monkeypatch):
     acts, _, _ = random_file(tmp_path / "a.h5")
     big, small = _sae(tmp_path, "big", 48), _sae(tmp_path, "small", 24, seed=1)
@@ -57,12 +38,23 @@ def test_kill_mid_rewrite_keeps_the_old_report_and_a_rewrite_leaves_no_stale_fil
     old = _tree(rep)
     assert sum(k.startswith("exports/neuronpedia/batch-") for k in old) == 6
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", _KILLER, str(small), str(acts), str(rep)], env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    # A fault once two Neuronpedia batches of the rewrite are on disk: the point where the old code left the new
+    # metrics.json beside the old page and 2 of its batches. (tests/test_files.py kills a real process with
+    # SIGKILL inside the same atomic_dir block.)
+    real, seen = exports.neuronpedia_feature, []
+
+    def failing(rec):
+        seen.append(rec["feature"])
+        if len(seen) > 2 * exports.NEURONPEDIA_BATCH:
+            raise OSError(28, "No space left on device")
+        return real(rec)
+
+    monkeypatch.setattr(exports, "neuronpedia_feature", failing)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(small, acts=acts, out=rep, device="cpu", top_k=2)
     assert _tree(rep) == old  # byte for byte the old, complete report
     assert load_report(rep).metrics["d_sae"] == 48
+    monkeypatch.setattr(exports, "neuronpedia_feature", real)
 
     build_report(small, acts=acts, out=rep, device="cpu", top_k=2)
     new = _tree(rep)
@@ -70,7 +62,7 @@ def test_kill_mid_rewrite_keeps_the_old_report_and_a_rewrite_leaves_no_stale_fil
     assert batches == [f"exports/neuronpedia/batch-{i}.json" for i in range(3)]  # batch-3..5 of the old SAE gone
     assert json.loads(new["metrics.json"])["d_sae"] == 24
     assert sorted(read_marker(rep)["files"]) == sorted(k for k in new if k != MARKER)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".rep")) == []  # killed run's tmp removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".rep")) == []  # no temporary left
 
 
 def test_someone_elses_out_is_refused_and_untouched(tmp_path, capsys):
@@ -103,18 +95,14 @@ def test_flags_are_validated(tmp_path, capsys):
 
 def test_sae_of_another_model_is_refused_unless_allowed(tmp_path, capsys):
     # The issue's case: a tiny-llama SAE on tiny-gpt2 activations of the same hookpoint name and width exited 0.
-    acts = tiny_model_file(tmp_path / "gpt2.h5", spec="tiny-gpt2", n_seqs=4, ctx=16)
-    torch.manual_seed(0)
-    sae = make_sae(SAEConfig(arch="topk", d_in=64, d_sae=96, k=6, hookpoint="mlp_out.1", model="tiny-llama"))
-    sae.save(tmp_path / "sae")
+    # (the file's `model` attr is what the check reads; the cacher writes it, here it is set directly)
+    acts, _, _ = random_file(tmp_path / "gpt2.h5", model="tiny-gpt2")
+    _sae(tmp_path, "sae", 24, model="tiny-llama")
     base = ["analyze", str(tmp_path / "sae"), "--acts", str(acts), "--device", "cpu", "--top-k", "2"]
     assert main([*base, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'tiny-llama'" in err and "'tiny-gpt2'" in err and "--allow-mismatch" in err
-    assert not (tmp_path / "r").exists()
-    assert main([*base, "--out", str(tmp_path / "r"), "--allow-mismatch"]) == 0
-    notes = json.loads((tmp_path / "r" / "metrics.json").read_text())["notes"]
-    assert any(n.startswith("allowed mismatch: ") and "tiny-gpt2" in n for n in notes)
+    assert not (tmp_path / "r").exists()  # (--allow-mismatch: see the hookpoint test below)
 
 
 def test_model_flag_must_be_the_saes_model(tmp_path):
