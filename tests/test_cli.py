@@ -74,3 +74,22 @@ def test_package_reexports_resolve():
         assert getattr(sae_toolkit, name) is not None, name
     with pytest.raises(AttributeError, match="no_such_name"):
         sae_toolkit.no_such_name  # noqa: B018
+
+
+def test_output_safety_flags_parse():
+    parser = build_parser()
+    assert parser.parse_args(["train", "f.h5", "--hookpoint", "h", "--arch", "topk", "--out", "r", "--force"]).force
+    a = parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "rep", "--force", "--allow-mismatch"])
+    assert a.force and a.allow_mismatch
+    assert not parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "rep"]).allow_mismatch
+    assert parser.parse_args(["export", "s", "--format", "saelens", "--out", "o", "--force"]).force
+    assert parser.parse_args(["demo", "--force"]).force and not parser.parse_args(["demo"]).force
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "taken").write_text("x")
+    assert main(["export", str(tmp_path / "sae"), "--format", "saelens", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "is a file" in err and "\n" not in err
+    assert (tmp_path / "taken").read_text() == "x"
