@@ -100,8 +100,8 @@ def check_out_dir(out: str | Path, kind: str, *, force: bool = False, legacy: Le
                   flag: str = "--out") -> Path:
     """Refuse (one-line SAEToolkitError) to write `kind` output into `out` unless it is absent, empty, or
     sae-toolkit's own `kind` output with nothing else in it (force: also an unmarked older one `legacy` accepts).
-    Returns `out` as an absolute path."""
-    out = Path(os.path.abspath(out))
+    Returns `out` as an absolute path (a symlink resolved: the folder it points to is the one replaced)."""
+    out = Path(os.path.realpath(out))
     _recover(out)
     if not out.exists() and not out.is_symlink():
         return out

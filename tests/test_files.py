@@ -135,3 +135,13 @@ def test_only_names_recognises_older_outputs(tmp_path):
     (old / "cfg.json").write_text('{"ours": false}')  # a folder someone else wrote with the same names
     with pytest.raises(SAEToolkitError, match="not written by sae-toolkit; choose"):
         check_out_dir(old, "export", force=True, legacy=legacy)
+
+
+def test_a_symlinked_out_is_written_through(tmp_path):
+    target = tmp_path / "target"
+    with atomic_dir(target, "report") as tmp:
+        (tmp / "a").write_text("1")
+    (tmp_path / "link").symlink_to(target)
+    with atomic_dir(tmp_path / "link", "report") as tmp:
+        (tmp / "a").write_text("2")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "a").read_text() == "2"
