@@ -83,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         seq_range=args.seqs,
     )
-    run_dir = train_sae(cfg)
+    run_dir = train_sae(cfg, force=args.force)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
 
 
@@ -100,6 +100,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         device=args.device,
         seq_range=args.seqs,
         ce_windows=args.ce_windows,
+        force=args.force,
+        allow_mismatch=args.allow_mismatch,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -107,7 +109,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from sae_toolkit.sae import export_saelens
 
-    out = export_saelens(args.sae_dir, args.out)
+    out = export_saelens(args.sae_dir, args.out, force=args.force)
     print(f"wrote {args.format} SAE to {out}")
 
 
@@ -123,7 +125,7 @@ def _cmd_import(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sae_toolkit.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, device=args.device)
+    run_demo(out=args.out, quick=args.quick, device=args.device, force=args.force)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--seqs", type=_seq_range, default=None, help="train on sequences START:STOP only")
+    t.add_argument("--force", action="store_true", help="start over: delete the earlier run's own files in --out")
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
@@ -178,13 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
     a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
     a.add_argument("--device", default="auto")
-    a.add_argument("--out", required=True, help="report directory")
+    a.add_argument("--out", required=True, help="report directory (new, empty, or an earlier report)")
+    a.add_argument("--force", action="store_true", help="also replace a report an older sae-toolkit wrote")
+    a.add_argument("--allow-mismatch", action="store_true",
+                   help="analyze even if the SAE's model/hookpoint differ from the activations' or --model")
     a.set_defaults(func=_cmd_analyze)
 
     e = sub.add_parser("export", help="convert an SAE directory for another tool")
     e.add_argument("sae_dir")
     e.add_argument("--format", required=True, choices=["saelens"])
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="folder (new, empty, or an earlier export)")
+    e.add_argument("--force", action="store_true", help="also replace an export an older sae-toolkit wrote")
     e.set_defaults(func=_cmd_export)
 
     m = sub.add_parser("import", help="convert an SAE of another toolkit (SAELens, sparsify, Gemma Scope, "
@@ -199,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--quick", action="store_true", help="seconds-long version used by the tests")
     d.add_argument("--device", default="auto")
+    d.add_argument("--force", action="store_true", help="also reuse a folder an older sae-toolkit demo wrote")
     d.set_defaults(func=_cmd_demo)
     # --debug works before or after the command name (the sub-parser's copy leaves the global one alone when absent)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or SAE_TOOLKIT_DEBUG=1)")

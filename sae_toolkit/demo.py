@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.files import check_out_dir, only_names, write_marker
 from sae_toolkit.units import resolve_device
+
+DEMO_FILES = ["acts.h5", "acts.h5*", ".acts.h5*", "run", "report", ".report.*", ".run.*"]
+"""What the demo writes into its --out folder (the cache with any side files, the run, the report and their
+temporary siblings); listed in the folder's ownership marker, so a rerun may reuse and replace them."""
+
+_DEMO_LEGACY = only_names({"acts.h5", "run", "report"}, lambda d: (d / "acts.h5").is_file())
+"""A demo folder an older sae-toolkit wrote (no marker): --force may reuse it."""
 
 
 @dataclass
@@ -61,16 +68,21 @@ class DemoResult:
     features: list[dict] = field(default_factory=list)
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "auto") -> DemoResult:
-    """Cache → train → analyze on the embedded default; prints a summary and returns where everything is."""
+def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "auto",
+             force: bool = False) -> DemoResult:
+    """Cache → train → analyze on the embedded default; prints a summary and returns where everything is.
+
+    `out` must be new, empty or an earlier demo folder (force: also one an older sae-toolkit wrote); the demo
+    replaces only its own run/ and report/ there and never deletes anything else."""
     from sae_toolkit.activations.cacher import CacheConfig, cache_activations
     from sae_toolkit.analysis.report import build_report
     from sae_toolkit.training.trainer import TrainConfig, train_sae
 
     cfg = DemoConfig.make(quick)
     device = resolve_device(device)
-    out = Path(out)
+    out = check_out_dir(out, "demo", force=force, legacy=_DEMO_LEGACY)
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo", DEMO_FILES)
     acts, run, report = out / "acts.h5", out / "run", out / "report"
     times: dict[str, float] = {}
 
@@ -90,17 +102,17 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "a
 
     print(f"[2/3] training a TopK SAE (k={cfg.k}, {cfg.expansion}x) on sequences {train_range[0]}..{train_range[1]}")
     t0 = time.perf_counter()
-    shutil.rmtree(run, ignore_errors=True)  # the demo owns out/run; the cache above is reused between runs
+    # force: the demo's own earlier run/ is replaced (only its files: the trainer refuses anything else in it);
+    # the cache above is reused between runs
     train_sae(TrainConfig(acts=str(acts), hookpoint=cfg.hookpoint, arch="topk", expansion=cfg.expansion, k=cfg.k,
                           batch_size=cfg.batch_size, tokens=cfg.train_tokens, device=device, out=str(run),
-                          seq_range=train_range))
+                          seq_range=train_range), force=True)
     times["train"] = time.perf_counter() - t0
 
     print(f"[3/3] analyzing on held-out sequences {eval_range[0]}..{eval_range[1]} with the model spliced")
     t0 = time.perf_counter()
-    shutil.rmtree(report, ignore_errors=True)
     build_report(run, acts=str(acts), out=str(report), model=cfg.model, device=device, seq_range=eval_range,
-                 ce_windows=cfg.ce_windows)
+                 ce_windows=cfg.ce_windows, force=True)
     times["analyze"] = time.perf_counter() - t0
 
     metrics = json.loads((report / "metrics.json").read_text())

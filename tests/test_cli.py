@@ -161,3 +161,20 @@ def test_os_errors_inside_other_exceptions_and_the_out_hint():
     assert (message, code) == ("disk full writing /runs/r1; free space or pick an --out on another disk, then rerun "
                                "(cache and train continue with --resume)", 1)
     assert failure_message(OSError(30, "Read-only file system"), "/ro/x")[0].startswith("/ro/x is on a read-only")
+def test_output_safety_flags_parse():
+    parser = build_parser()
+    assert parser.parse_args(["train", "f.h5", "--hookpoint", "h", "--arch", "topk", "--out", "r", "--force"]).force
+    a = parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "rep", "--force", "--allow-mismatch"])
+    assert a.force and a.allow_mismatch
+    assert not parser.parse_args(["analyze", "r", "--acts", "f.h5", "--out", "rep"]).allow_mismatch
+    assert parser.parse_args(["export", "s", "--format", "saelens", "--out", "o", "--force"]).force
+    assert parser.parse_args(["demo", "--force"]).force and not parser.parse_args(["demo"]).force
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "taken").write_text("x")
+    assert main(["export", str(tmp_path / "sae"), "--format", "saelens", "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "is a file" in err and "\n" not in err
+    assert (tmp_path / "taken").read_text() == "x"

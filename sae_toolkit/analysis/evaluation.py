@@ -66,6 +66,7 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
     owned = reader if not isinstance(acts, ActsReader) else contextlib.nullcontext()
     with owned, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"analyze {reader.hookpoint}") as bar:
         for seq_ids, toks, x in reader.chunks(seqs_per_chunk):
+            _require_finite(x, reader, int(seq_ids[0]))
             x = x.to(device)
             out = sae(x)
             keep = ~torch.isin(toks, bos).reshape(-1).to(device)  # [s*seq]
@@ -78,6 +79,18 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
             top.to_cpu()
             reader.preload(top.top.seq[top.top.seq >= 0].tolist() + top.sample.seq[top.sample.seq >= 0].tolist())
     return Scan(metrics, top, reader)
+
+
+def _require_finite(x: torch.Tensor, reader: ActsReader, first_seq: int) -> None:
+    """x [rows, d_in] of windows first_seq...: a NaN/Inf is an error, as in training (ActivationStore), raised
+    during the pass and so before any report file is written."""
+    finite = torch.isfinite(x).all(dim=1)
+    if not finite.all():
+        row = first_seq * reader.ctx + int((~finite).nonzero()[0])
+        seq, pos = divmod(row, reader.ctx)
+        raise SAEToolkitError(f"acts/{reader.hookpoint} in {reader.path} has a non-finite value in row {row} "
+                              f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
+                              "--dtype bfloat16 or float32)")
 
 
 def evaluate(sae, acts: str | Path, **kwargs) -> dict[str, float | int]:

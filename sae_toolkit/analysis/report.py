@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -33,10 +34,30 @@ from sae_toolkit.analysis.evaluation import (
 )
 from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.files import atomic_dir, check_out_dir, only_names
 from sae_toolkit.units import resolve_device
 
 _HTML_EXAMPLE_LINES = 200_000
 """Example lines report.html embeds at most (about 40 MB of page); see `_page_data`."""
+
+MAX_TOP_K = 1000
+"""Most top examples per latent `analyze` keeps: the scan's cost grows with k for every latent (the issue measured
+159 s instead of 3.6 s for an uncapped value)."""
+
+REPORT_FILES = {"metrics.json", "features.csv", "features.parquet", "top_activations.jsonl", "report.html", "plots",
+                "exports"}
+"""What a report directory holds; an unmarked folder of only these (and a metrics.json naming sae-toolkit's
+version) is a report an older sae-toolkit wrote, which --force may replace."""
+
+
+def _written_by_us(folder: Path) -> bool:
+    try:
+        return "sae_toolkit" in json.loads((folder / "metrics.json").read_text())["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+REPORT_LEGACY = only_names(REPORT_FILES, _written_by_us)
 
 
 class Report(NamedTuple):
@@ -54,24 +75,45 @@ class Report(NamedTuple):
 
 def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: str | None = None,
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
-                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096) -> Path:
+                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
+                 force: bool = False, allow_mismatch: bool = False) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
     tokens / seq_range limit the evaluated windows. With `model` (a model SPEC), also the logit lens and CE/KL with
     the SAE spliced in, over the first `ce_windows` evaluated windows (three forwards each).
-    """
-    from sae_toolkit.sae import SAE
 
+    `out` must be new, empty or an earlier report (files.py); it appears complete or not at all. The SAE must have
+    finite weights and match the activations and `model` (compatibility.py) unless allow_mismatch.
+    """
+    from sae_toolkit.analysis.compatibility import check_acts, check_model
+    from sae_toolkit.sae import SAE
+    from sae_toolkit.sae.checks import require_finite_weights
+
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise SAEToolkitError(f"--top-k {top_k} is outside 0..{MAX_TOP_K}; more examples per latent make the scan "
+                              f"far slower (each is kept for every latent): pass at most {MAX_TOP_K}")
+    if ce_windows < 1:
+        raise SAEToolkitError(f"--ce-windows {ce_windows} must be at least 1 (windows for the CE/KL metrics)")
+    check_out_dir(out, "report", force=force, legacy=REPORT_LEGACY)
     device = resolve_device(device)
     path = Path(path)
     run_dir = path if (path / "sae" / "cfg.json").is_file() else None
     sae = SAE.load(path, device=device)
+    require_finite_weights(sae, path)
+    notes = check_model(sae, model, allow_mismatch=allow_mismatch, where=path)
     t0 = time.perf_counter()
-    reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
+    try:
+        reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
+    except SAEToolkitError:
+        if not allow_mismatch:
+            raise
+        # another hookpoint of the SAE's width, if the file holds exactly one (check_acts notes the mismatch)
+        reader = ActsReader(acts, None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
     with reader:
+        notes += check_acts(sae, reader, allow_mismatch=allow_mismatch, where=path)
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
-        lens, model_m, notes = None, {}, []
+        lens, model_m = None, {}
         if model:
             from sae_toolkit.model.loading import load_model
 
@@ -95,16 +137,26 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
         "analysis_seconds": round(time.perf_counter() - t0, 2),
     }
     return write_report(out, sae, res, weight_stats(sae), lens=lens, model_metrics=model_m, notes=notes,
-                        provenance=provenance, run_dir=run_dir)
+                        provenance=provenance, run_dir=run_dir, force=force)
 
 
 def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens: LogitLens | None = None,
                  model_metrics: dict | None = None, notes: list[str] | None = None, provenance: dict | None = None,
-                 run_dir: Path | None = None, html_examples: int = 10) -> Path:
-    """Write every file of the report directory from analysis results (build_report's second half)."""
+                 run_dir: Path | None = None, html_examples: int = 10, force: bool = False) -> Path:
+    """Write every file of the report directory from analysis results (build_report's second half).
+
+    Written into a temporary sibling and renamed into place: a kill leaves the old report or the new one, and a
+    rewrite leaves none of the old report's files (e.g. Neuronpedia batches of a larger SAE) behind."""
+    with atomic_dir(out, "report", force=force, legacy=REPORT_LEGACY) as tmp:
+        _write_report_files(tmp, sae, res, weights, lens, model_metrics, notes, provenance, run_dir, html_examples)
+    return Path(out)
+
+
+def _write_report_files(out: Path, sae, res: Scan, weights: WeightStats, lens: LogitLens | None,
+                        model_metrics: dict | None, notes: list[str] | None, provenance: dict | None,
+                        run_dir: Path | None, html_examples: int) -> None:
     from sae_toolkit.analysis.exports import write_neuronpedia, write_saebench
 
-    out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     notes = list(notes or [])
     table = feature_table(res, weights, lens)
@@ -136,7 +188,6 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
     _write_page(out, metrics, table, records, run_dir, html_examples)
     write_saebench(out / "exports" / "saebench_core.json", sae, metrics, table)
     write_neuronpedia(out / "exports" / "neuronpedia", sae, metrics, records)
-    return out
 
 
 def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: Path | None,
@@ -151,10 +202,17 @@ def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: P
 def rebuild_html(path: str | Path, html_examples: int = 10) -> Path:
     """Redraw plots/ and report.html of an existing report directory from its own files (no SAE, model or
     activation file needed), e.g. after upgrading sae-toolkit; returns the page's path."""
+    from sae_toolkit.files import MARKER
+
     rep = load_report(path)
     run_dir = Path(rep.metrics["run_dir"]) if rep.metrics.get("run_dir") else None
     records = [rep.top_activations[i] for i in sorted(rep.top_activations)]
-    _write_page(rep.path, rep.metrics, rep.features, records, run_dir, html_examples)
+    # The old page stays until the new one is complete; plots/ is redrawn from scratch (no stale plot survives).
+    with atomic_dir(rep.path, "report", force=True, legacy=REPORT_LEGACY, flag="report") as tmp:
+        shutil.copytree(rep.path, tmp, dirs_exist_ok=True, ignore=lambda d, names: [
+            n for n in names if n in (MARKER, "report.html") or (Path(d) == rep.path and n == "plots")])
+        (tmp / "plots").mkdir()
+        _write_page(tmp, rep.metrics, rep.features, records, run_dir, html_examples)
     return rep.path / "report.html"
 
 

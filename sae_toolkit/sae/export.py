@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.files import atomic_dir, check_out_dir, only_names
 
 # SAELens >= 6 reads `metadata.sae_lens_version` to decide the config layout; 6.0 is the layout written here
 # (checked against sae-lens 6.54's SAE.load_from_disk).
@@ -103,19 +104,36 @@ def _acts_provenance(acts: object) -> dict[str, object]:
     return out
 
 
-def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> Path:
+def _written_by_us(folder: Path) -> bool:
+    try:
+        return "sae_toolkit_version" in json.loads((folder / SAELENS_CFG).read_text())["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+EXPORT_LEGACY = only_names({SAELENS_CFG, SAELENS_WEIGHTS}, _written_by_us)
+"""An unmarked export an older sae-toolkit wrote (its cfg.json names our version): --force may replace it."""
+
+
+def export_saelens(sae_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write the SAE in sae_dir (or RUN_DIR/sae) as SAELens' cfg.json + sae_weights.safetensors into out_dir.
 
     `sae_lens.SAE.load_from_disk(out_dir)` then computes the same encode/decode on raw activations: relu →
     "standard", topk → "topk" (k), batchtopk → "jumprelu" with its inference threshold broadcast to every latent,
     jumprelu → "jumprelu", gated → "gated" (b_enc saved as b_gate). Normalization is already folded into the
     weights, so normalize_activations is "none". Returns out_dir.
+
+    out_dir must be new, empty or an earlier export (sae_toolkit.files); it appears complete or not at all.
+    An SAE with NaN/Inf weights is refused.
     """
     from safetensors.torch import save_file
 
     from sae_toolkit.sae.base import SAE
+    from sae_toolkit.sae.checks import require_finite_weights
 
+    check_out_dir(out_dir, "saelens-export", force=force, legacy=EXPORT_LEGACY)
     sae = SAE.load(sae_dir)
+    require_finite_weights(sae, sae_dir)
     cfg = sae.cfg
     arch, tensors, arch_keys = _saelens_layout(sae)
     extra = {**_acts_provenance(cfg.extra.get("acts")), **cfg.extra}
@@ -144,12 +162,8 @@ def export_saelens(sae_dir: str | Path, out_dir: str | Path) -> Path:
             "sae_toolkit_act_scale": cfg.act_scale,
         },
     }
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SAEToolkitError(f"export target {out} is a file; pass a directory for --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {n: t.detach().contiguous().to(torch.device("cpu")) for n, t in tensors.items()}, str(out / SAELENS_WEIGHTS)
-    )
-    (out / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=2) + "\n")
-    return out
+    with atomic_dir(out_dir, "saelens-export", force=force, legacy=EXPORT_LEGACY) as tmp:
+        save_file({n: t.detach().contiguous().to(torch.device("cpu")) for n, t in tensors.items()},
+                  str(tmp / SAELENS_WEIGHTS))
+        (tmp / SAELENS_CFG).write_text(json.dumps(saelens_cfg, indent=2) + "\n")
+    return Path(out_dir)

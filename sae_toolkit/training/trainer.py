@@ -23,6 +23,7 @@ import torch
 from sae_toolkit import __version__
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.files import MARKER, only_names, remove_owned, replace_dir, write_marker
 from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
 from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
@@ -32,13 +33,19 @@ from sae_toolkit.training.checkpoint import (
     save_checkpoint,
 )
 from sae_toolkit.training.config import RESUMABLE_CHANGES, TrainConfig
+from sae_toolkit.training.divergence import NonFiniteGuard
+from sae_toolkit.training.memory import check_fits
 from sae_toolkit.training.schedules import default_lr, lr_at, sparsity_scale_at
 from sae_toolkit.units import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
 
-_RUN_FILES = {"train_config.json", "metrics.jsonl", "checkpoints", "sae", ".tmp-sae", "tensorboard"}
+_RUN_FILES = {"train_config.json", "metrics.jsonl", "checkpoints", "sae", ".tmp-sae", "tensorboard",
+              ".tmp-train_config.json", ".tmp-metrics.jsonl", MARKER}
 """What a run directory may hold; anything else means --out points at someone else's directory."""
+
+_RUN_LEGACY = only_names(_RUN_FILES, lambda d: (d / "train_config.json").is_file())
+"""A run folder an older sae-toolkit wrote (no ownership marker): --force may replace it."""
 
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float | None = None,
@@ -70,10 +77,11 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
 class Trainer:
     """Trains one SAE on one hookpoint of an activation file, writing RUN_DIR as it goes."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, force: bool = False):
+        """force: delete an earlier run's own files in cfg.out first (never others' files; not with resume)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        checkpoint = self._check_run_dir()
+        checkpoint = self._check_run_dir(force)
         self.device = torch.device(resolve_device(cfg.device))
         self.store = ActivationStore(
             cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
@@ -94,6 +102,7 @@ class Trainer:
         if self.total_steps < 1:
             raise SAEToolkitError(f"--tokens {self.total_tokens} is less than one batch of {cfg.batch_size}; "
                                   "raise --tokens or lower --batch-size")
+        check_fits(self.d_in, self.d_sae, cfg.batch_size, self.device)
         self.lr = cfg.lr or default_lr(self.d_sae)
         self.warmup_steps = (min(1000, self.total_steps // 20) if cfg.lr_warmup_steps is None
                              else cfg.lr_warmup_steps)
@@ -109,6 +118,7 @@ class Trainer:
         self.step = 0
         self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.guard = NonFiniteGuard(self.device)
         self._loggers: list[Any] = []
         self._tick = (time.perf_counter(), 0)
         if checkpoint is not None:
@@ -118,12 +128,16 @@ class Trainer:
 
     # ---- set-up ----
 
-    def _check_run_dir(self) -> Path | None:
+    def _check_run_dir(self, force: bool = False) -> Path | None:
         """The checkpoint to resume from (None for a new run); refuses to write into a used directory."""
+        if force and self.cfg.resume:
+            raise SAEToolkitError("--force starts the run over and --resume continues it; pass one of them")
         if not self.cfg.resume:
+            if force and self.run_dir.is_dir():
+                remove_owned(self.run_dir, "run", force=True, legacy=_RUN_LEGACY)
             if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
                 raise SAEToolkitError(f"run directory {self.run_dir} exists and is not empty; pass --resume to "
-                                      "continue it or choose a new --out")
+                                      "continue it, --force to start it over, or choose a new --out")
             return None
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
@@ -149,6 +163,7 @@ class Trainer:
 
     def _start_run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(self.run_dir, "run", sorted(_RUN_FILES - {MARKER}))
         if self.cfg.b_dec_init != "zeros":
             sample = self.store.sample(self.cfg.init_sample, seed=0)
             self.sae.init_b_dec_(sample, method=self.cfg.b_dec_init)
@@ -209,8 +224,10 @@ class Trainer:
                 x = self.store.next_batch()
                 out = self.train_one(x)
                 self.step += 1
+                self.guard.update(out.loss, self.step)
                 bar.update(cfg.batch_size)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.guard.check(self.sae, self.step, self.run_dir, self.lr)
                     bar.set_postfix(self.log(x, out), refresh=False)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -312,6 +329,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly: weights, Adam state, counters, RNGs, stream position."""
+        self.guard.check(self.sae, self.step, self.run_dir, self.lr)  # never save a diverged state
         opt_tensors, opt_meta = optimizer_to_flat(self.opt)
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors.update(opt_tensors)
@@ -328,8 +346,7 @@ class Trainer:
         final, tmp = self.run_dir / "sae", self.run_dir / ".tmp-sae"
         shutil.rmtree(tmp, ignore_errors=True)
         sae.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a kill leaves the old sae/ or the new one, never a half-written one that loads
         return final
 
 
@@ -347,6 +364,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train_sae(cfg: TrainConfig) -> Path:
-    """Train an SAE as `cfg` says; returns RUN_DIR (final SAE in RUN_DIR/sae)."""
-    return Trainer(cfg).fit()
+def train_sae(cfg: TrainConfig, force: bool = False) -> Path:
+    """Train an SAE as `cfg` says; returns RUN_DIR (final SAE in RUN_DIR/sae). force: start over in an earlier
+    run's RUN_DIR (only its own files are deleted)."""
+    return Trainer(cfg, force=force).fit()

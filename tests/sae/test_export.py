@@ -162,3 +162,41 @@ def test_an_exported_saelens_directory_loads_back(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x).x_hat, sae(x).x_hat, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=1e-9, atol=1e-9)
+
+
+def test_export_never_overwrites_what_it_did_not_write(tmp_path, capsys):
+    from sae_toolkit.cli import main
+    from sae_toolkit.sae import SAE
+
+    sae_dir = make_sae(SAEConfig(arch="relu", d_in=4, d_sae=8)).save(tmp_path / "sae")
+    before = {p.name: p.read_bytes() for p in sae_dir.iterdir()}
+    # into the SAE's own folder: it used to overwrite cfg.json and make the SAE unloadable
+    assert main(["export", str(sae_dir), "--format", "saelens", "--out", str(sae_dir)]) == 2
+    assert main(["export", str(sae_dir), "--format", "saelens", "--out", str(sae_dir), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "not written by sae-toolkit" in err and err.count("\n") == 2
+    assert {p.name: p.read_bytes() for p in sae_dir.iterdir()} == before
+    SAE.load(sae_dir)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "cfg.json").write_text('{"mine": 1}')
+    with pytest.raises(SAEToolkitError, match="not written by sae-toolkit"):
+        export_saelens(sae_dir, theirs)
+    assert (theirs / "cfg.json").read_text() == '{"mine": 1}'
+    # our own export is replaced by a rerun; an unmarked one from an older version needs --force
+    out = export_saelens(sae_dir, tmp_path / "out")
+    (out / ".sae-toolkit-output.json").unlink()
+    with pytest.raises(SAEToolkitError, match="older sae-toolkit saelens-export: pass --force"):
+        export_saelens(sae_dir, out)
+    export_saelens(sae_dir, out, force=True)
+    export_saelens(sae_dir, out)
+    assert sorted(p.name for p in out.iterdir()) == [".sae-toolkit-output.json", "cfg.json", "sae_weights.safetensors"]
+
+
+def test_export_refuses_a_non_finite_sae(tmp_path):
+    sae = make_sae(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2))
+    with torch.no_grad():
+        sae.b_dec[1] = float("inf")
+    with pytest.raises(SAEToolkitError, match="non-finite values in b_dec .* lower --lr"):
+        export_saelens(sae.save(tmp_path / "sae"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
