@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sae-toolkit info a.h5 | head`: the reader left; say nothing (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:  # SAEToolkitError, and OSError/MemoryError/h5py/pickle errors no check caught
         if args.debug or os.environ.get("SAE_TOOLKIT_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
