@@ -1,0 +1,87 @@
+"""torchrun with 2 gloo processes on CPU: same SAE as one process on the same global batches; a killed rank resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _trainer_helpers import toy_superposition, write_acts
+
+from sae_toolkit.sae import SAE
+from sae_toolkit.training.config import TrainConfig
+from sae_toolkit.training.distributed import DistContext
+from sae_toolkit.training.sweep import train_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Kills rank 1 at step 7 (after the step-6 checkpoint; checkpoints every 3 steps), as a crashed GPU would.
+LAUNCHER = """
+import os, sys
+from sae_toolkit.training import config, distributed
+post = config.TrainConfig.__post_init__
+def patched_post(self):
+    post(self)
+    self.checkpoint_every = 3
+config.TrainConfig.__post_init__ = patched_post
+train_one = distributed.DistributedTrainer.train_one
+def dying_train_one(self, x):
+    if self.ctx.rank == 1 and self.step == 7:
+        os._exit(3)
+    return train_one(self, x)
+distributed.DistributedTrainer.train_one = dying_train_one
+from sae_toolkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def toy_acts(tmp_path: Path) -> Path:
+    acts, _ = toy_superposition(48 * 64, d=16, n_true=64, seed=3)
+    return write_acts(tmp_path / "acts.h5", {"hp": acts}, context_size=64, bos_token_id=None)
+
+
+def test_killed_rank_resumes_to_the_one_process_sae(tmp_path: Path, toy_acts: Path) -> None:
+    common = ["--hookpoint", "hp", "--arch", "topk", "--k", "4", "--expansion", "4", "--batch-size", "256",
+              "--tokens", str(12 * 256), "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    killed = torchrun(["launch.py", "train", str(toy_acts), *common], tmp_path)
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    assert (tmp_path / "ddp" / "checkpoints" / "step_00000006").is_dir(), killed.stderr[-3000:]
+    assert not (tmp_path / "ddp" / "sae").exists()
+
+    resumed = torchrun(["-m", "sae_toolkit", "train", str(toy_acts), *common, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "from step 6" in resumed.stdout
+
+    # One process holding both ranks' data parts sees the same global batches.
+    cfg = TrainConfig(acts=str(toy_acts), hookpoint="hp", arch="topk", k=4, expansion=4, batch_size=256,
+                      tokens=12 * 256, device="cpu", out=str(tmp_path / "one"))
+    train_sweep([cfg], n_parts=2)
+    ddp, one = SAE.load(tmp_path / "ddp" / "sae"), SAE.load(tmp_path / "one" / "sae")
+    for name, t in one.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    saved = json.loads((tmp_path / "ddp" / "train_config.json").read_text())
+    assert saved["world_size"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [x["step"] for x in ref] == [12]
+    np.testing.assert_allclose(lines[-1]["fvu"], ref[-1]["fvu"], rtol=1e-4)
+
+
+def test_one_process_context_is_the_identity() -> None:
+    ctx = DistContext()
+    assert ctx.sum_float(2.5) == 2.5 and ctx.all_gather_object({"a": 1}) == [{"a": 1}]
+    x = torch.arange(4.0)
+    assert ctx.mean_(x.clone()).equal(x) and ctx.all_gather_rows(x).equal(x)
