@@ -67,7 +67,16 @@ def _cmd_cache(args: argparse.Namespace) -> None:
         out=args.out,
         resume=args.resume,
     )
-    path = cache_activations(cfg)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank, joined by rank 0
+        from sae_toolkit.activations.shards import cache_distributed
+
+        path = cache_distributed(cfg)
+        if os.environ.get("RANK") != "0":
+            return
+    else:
+        path = cache_activations(cfg)
     print(f"wrote activations to {path}")
 
 
