@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--expansion", type=_list(int), default=[8], help="d_sae = expansion * d_in; e.g. 8,16")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")
-    t.add_argument("--k", type=_list(int), default=[32], help="active latents per token (topk, batchtopk); e.g. 16,32,64")
+    t.add_argument("--k", type=_list(int), default=[32], help="latents per token (topk, batchtopk); e.g. 16,32,64")
     t.add_argument("--model", default=None, help="train from this model's forward pass instead of a file")
     t.add_argument("--dataset", default=None, help="corpus for --model (as for cache)")
     t.add_argument("--split", default="train")

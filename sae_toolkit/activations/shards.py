@@ -8,7 +8,8 @@ So `info`, `train`, `analyze` and plain `h5py` read OUT like a one-process cache
 on its own (`--resume`), exactly as a one-process file does; OUT is rebuilt when every shard is complete.
 Keep OUT and OUT.shards/ together: OUT stores the shard paths relative to its own folder.
 
-    torchrun --nproc_per_node=8 -m sae_toolkit cache --model M --hookpoint mlp_out.6 --dataset D --tokens 100M --out a.h5
+    torchrun --nproc_per_node=8 -m sae_toolkit cache --model M --hookpoint mlp_out.6 --dataset D \
+        --tokens 100M --out a.h5
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ the same permutation, so row i of each hookpoint's batch is the same token.
 The stream is a pure function of `(seed, rows_done)`: a resume re-tokenizes the groups it has passed (cheap,
 no forward) and runs the model only from the group it stopped in, so no buffer contents need saving.
 
-    >>> stream = ModelStream(StreamConfig("tiny-llama", "builtin:pydoc", ["mlp_out.1"]), batch_size=4096)  # doctest: +SKIP
+    >>> cfg = StreamConfig("tiny-llama", "builtin:pydoc", ["mlp_out.1"])
+    >>> stream = ModelStream(cfg, batch_size=4096)  # doctest: +SKIP
     >>> xs = stream.next_batches()  # {"mlp_out.1": [batch, d] float32 on the device}
 """
 

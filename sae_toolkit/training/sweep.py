@@ -5,7 +5,8 @@ straight from the model, in one process or under torchrun. The data is read (or 
     RUN_DIR/sweep.json            several members: their names, the source, world_size
     RUN_DIR/<member>/             each a complete run directory (DESIGN.md §4)
 
-    >>> cfgs = sweep_configs(base, hookpoints=["mlp_out.1"], archs=["topk"], expansions=[8], ks=[16, 32, 64])  # doctest: +SKIP
+    >>> grid = dict(hookpoints=["mlp_out.1"], archs=["topk"], expansions=[8], ks=[16, 32, 64])
+    >>> cfgs = sweep_configs(base, **grid)  # doctest: +SKIP
     >>> train_sweep(cfgs, stream=StreamConfig("tiny-llama", "builtin:pydoc", ["mlp_out.1"]))  # doctest: +SKIP
 """
 
@@ -147,7 +148,8 @@ def _fit(trainers: list[DistributedTrainer], shared: SharedBatches, ctx: DistCon
         print(f"{len(trainers)} SAE(s), {t.total_tokens:,} tokens ({total} steps of {cfg.batch_size} over "
               f"{ctx.world_size} process(es)) on {trainers[0].device}")
     bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-               desc=f"train {len(trainers)} SAE(s)", dynamic_ncols=True, disable=not ctx.is_main)
+               desc=f"train {len(trainers)} SAE(s)", dynamic_ncols=True,
+               **({} if ctx.is_main else {"disable": True}))  # rank 0's bar only; TQDM_DISABLE still works
     last_saved = step
     try:
         for t in trainers:

@@ -21,6 +21,8 @@ from sae_toolkit.errors import SAEToolkitError
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def config(out: Path, **kw) -> CacheConfig:
     base = dict(model="tiny-llama", hookpoints=["mlp_out.1", "resid_post.0"], dataset="builtin:pydoc",
@@ -61,7 +63,7 @@ def cache_shards(out: Path, world: int) -> list[Path]:
     return [shard_path(out, r, world) for r in range(world)]
 
 
-def test_joined_shards_equal_a_one_process_file(tmp_path: Path, one_thread, one_process) -> None:
+def test_joined_shards_equal_a_one_process_file(tmp_path: Path, one_process) -> None:
     out = tmp_path / "joined.h5"
     join_shards(out, cache_shards(out, 3), config(out))
     assert_same(contents(out), one_process)
@@ -71,7 +73,7 @@ def test_joined_shards_equal_a_one_process_file(tmp_path: Path, one_thread, one_
         assert store.sample(100).shape == (100, 64)
 
 
-def test_torchrun_cache_resumes_a_killed_shard_and_equals_one_process(tmp_path: Path, one_thread,
+def test_torchrun_cache_resumes_a_killed_shard_and_equals_one_process(tmp_path: Path,
                                                                        one_process) -> None:
     shards = cache_shards(tmp_path / "acts.h5", 2)
     with h5py.File(shards[1], "r+") as f:  # rank 1's shard as a kill leaves it: 4 of its 12 windows committed

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from _cache_helpers import one_thread  # noqa: F401  (fixture)
@@ -17,6 +16,8 @@ from sae_toolkit.errors import SAEToolkitError
 
 CTX = 32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def stream_cfg(**kw) -> StreamConfig:
     base = dict(model="tiny-llama", dataset="builtin:pydoc", hookpoints=["mlp_out.1", "resid_post.0"],
@@ -24,7 +25,7 @@ def stream_cfg(**kw) -> StreamConfig:
     return StreamConfig(**{**base, **kw})
 
 
-def test_rows_are_the_cached_rows_shuffled_within_the_buffer(tmp_path: Path, one_thread) -> None:
+def test_rows_are_the_cached_rows_shuffled_within_the_buffer(tmp_path: Path) -> None:
     cache_activations(CacheConfig(model="tiny-llama", hookpoints=["mlp_out.1", "resid_post.0"],
                                   dataset="builtin:pydoc", tokens=16 * CTX, context_size=CTX, batch_size=5,
                                   dtype="float32", device="cpu", out=str(tmp_path / "a.h5")))
@@ -48,7 +49,7 @@ def test_rows_are_the_cached_rows_shuffled_within_the_buffer(tmp_path: Path, one
     assert (d1 & d2).any(dim=1).all()
 
 
-def test_resume_from_state_gives_the_same_batches(one_thread) -> None:
+def test_resume_from_state_gives_the_same_batches() -> None:
     a = ModelStream(stream_cfg(hookpoints=["mlp_out.1"]), batch_size=100, seed=3)
     first = [a.next_batches()["mlp_out.1"] for _ in range(2)]
     state = a.state_dict()
@@ -63,7 +64,7 @@ def test_resume_from_state_gives_the_same_batches(one_thread) -> None:
         c.load_state_dict(state)
 
 
-def test_ranks_see_disjoint_windows(one_thread) -> None:
+def test_ranks_see_disjoint_windows() -> None:
     cfg = stream_cfg(hookpoints=["mlp_out.1"], buffer_tokens=16 * CTX)
     rows = [ModelStream(cfg, batch_size=31, normalize=False, rank=r, world_size=2).next_batches()["mlp_out.1"]
             for r in range(2)]
