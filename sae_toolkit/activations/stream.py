@@ -17,6 +17,7 @@ no forward) and runs the model only from the group it stopped in, so no buffer c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,9 +75,10 @@ class StreamConfig:
 class ModelStream:
     """Endless shuffled batches `{hookpoint: [batch, d] float32}` from a model run over a corpus.
 
-    With `world_size > 1`, this rank sees windows `rank, rank + world_size, ...` of the corpus, disjoint from
-    the other ranks'. The normalization `scale` per hookpoint (mean row norm → sqrt(d)) is estimated from the
-    first group; `sample` draws from a fixed pool of that group's rows (for b_dec initialisation and resampling).
+    With `world_size > 1`, this rank packs documents `rank, rank + world_size, ...` of the corpus into its own
+    windows, disjoint from the other ranks'. The normalization `scale` per hookpoint (mean row norm → sqrt(d))
+    is estimated from the first group; `sample` draws from a fixed pool of that group's rows (for b_dec
+    initialisation and resampling).
     """
 
     def __init__(self, cfg: StreamConfig, *, batch_size: int, device: str | torch.device = "cpu", seed: int = 0,
@@ -130,17 +132,20 @@ class ModelStream:
     # ---- windows and groups ----
 
     def _windows(self) -> Iterator[np.ndarray]:
-        """This rank's windows int32 [context_size], in corpus order, packed as the cacher packs them."""
+        """This rank's windows int32 [context_size], in corpus order, packed as the cacher packs them.
+
+        Ranks split the corpus by document (every world_size-th), so each rank tokenizes only its share; one
+        process (world_size 1) gets exactly the cacher's windows. Tokenizing runs on a background thread.
+        """
+        from sae_toolkit.activations.cacher import _prefetch
         from sae_toolkit.model.corpus import open_corpus, token_windows
 
         cfg = self.cfg
         documents = open_corpus(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
-        i = 0
-        for block in token_windows(documents, self._tokenizer, cfg.context_size):
-            for window in block:
-                if i % self.world_size == self.rank:
-                    yield window
-                i += 1
+        if self.world_size > 1:
+            documents = itertools.islice(documents, self.rank, None, self.world_size)
+        for block in _prefetch(token_windows(documents, self._tokenizer, cfg.context_size)):
+            yield from block
 
     def _token_groups(self) -> Iterator[np.ndarray]:
         """One pass over the corpus in groups int32 [<= buffer_windows, context_size]."""
