@@ -108,9 +108,10 @@ class ModelStream:
         self.buffer_windows = max(1, math.ceil(buffer_tokens / self.world_size / cfg.context_size))
         self.rows_done = 0
         self.epoch = 0
-        self._rows: Iterator[tuple[dict[str, torch.Tensor], int]] | None = None
-        self._current: tuple[dict[str, torch.Tensor], int] | None = None
-        first, _ = next(self._groups(0))
+        # The first group also gives the pool and the scale; the stream then starts inside it, so it runs once.
+        self._rows: Iterator[tuple[dict[str, torch.Tensor], int]] | None = self._groups(0)
+        first, _ = next(self._rows)
+        self._current: tuple[dict[str, torch.Tensor], int] | None = (first, 0)
         self.d = {name: int(x.shape[1]) for name, x in first.items()}
         n = len(next(iter(first.values())))
         rng = np.random.default_rng([self.seed, 1_000_003])

@@ -83,3 +83,15 @@ def test_ranks_see_disjoint_documents() -> None:
 def test_config_validation(change, message) -> None:
     with pytest.raises(SAEToolkitError, match=message):
         stream_cfg(**change)
+
+
+def test_the_first_buffer_runs_once(monkeypatch) -> None:
+    calls = []
+    forward = ModelStream._forward
+    monkeypatch.setattr(ModelStream, "_forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    stream = ModelStream(stream_cfg(hookpoints=["mlp_out.1"]), batch_size=62)
+    for _ in range(4):  # one buffer of 8 windows = 248 rows = 4 batches
+        stream.next_batches()
+    assert len(calls) == 1
+    stream.next_batches()
+    assert len(calls) == 2

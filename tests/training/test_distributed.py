@@ -13,10 +13,11 @@ import pytest
 import torch
 from _trainer_helpers import toy_superposition, write_acts
 
+from sae_toolkit.activations.stream import StreamConfig
 from sae_toolkit.sae import SAE
 from sae_toolkit.training.config import TrainConfig
 from sae_toolkit.training.distributed import DistContext
-from sae_toolkit.training.sweep import train_sweep
+from sae_toolkit.training.sweep import sweep_configs, train_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,3 +86,26 @@ def test_one_process_context_is_the_identity() -> None:
     assert ctx.sum_float(2.5) == 2.5 and ctx.all_gather_object({"a": 1}) == [{"a": 1}]
     x = torch.arange(4.0)
     assert ctx.mean_(x.clone()).equal(x) and ctx.all_gather_rows(x).equal(x)
+
+
+def test_torchrun_from_the_model_equals_one_process_with_both_parts(tmp_path: Path) -> None:
+    args = ["--hookpoint", "mlp_out.1", "--hookpoint", "resid_post.0", "--arch", "topk", "--k", "4",
+            "--expansion", "2", "--context-size", "32", "--batch-size", "124", "--tokens", "1240",
+            "--buffer-tokens", "1k", "--device", "cpu"]
+    run = torchrun(["-m", "sae_toolkit", "train", "--model", "tiny-llama", "--dataset", "builtin:pydoc", *args,
+                    "--out", str(tmp_path / "ddp")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "shuffle buffer 1,024 tokens" in run.stdout
+
+    stream = StreamConfig("tiny-llama", "builtin:pydoc", ["mlp_out.1", "resid_post.0"], context_size=32,
+                          buffer_tokens=1000)
+    base = TrainConfig(acts="", hookpoint="mlp_out.1", arch="topk", k=4, expansion=2, batch_size=124, tokens=1240,
+                       device="cpu", out=str(tmp_path / "one"))
+    configs = sweep_configs(base, hookpoints=["mlp_out.1", "resid_post.0"], archs=["topk"], expansions=[2], ks=[4])
+    train_sweep(configs, stream=stream, n_parts=2)
+    for member in ("mlp_out.1", "resid_post.0"):
+        ddp, one = SAE.load(tmp_path / "ddp" / member / "sae"), SAE.load(tmp_path / "one" / member / "sae")
+        for name, t in one.state_dict().items():
+            torch.testing.assert_close(ddp.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=f"{member} {name}")
+        saved = json.loads((tmp_path / "ddp" / member / "train_config.json").read_text())
+        assert saved["world_size"] == 2 and saved["source"]["model"] == "tiny-llama"

@@ -105,7 +105,8 @@ def test_sweep_from_the_model_resumes_exactly(tmp_path: Path, monkeypatch) -> No
         a, b = SAE.load(tmp_path / "full" / m / "sae"), SAE.load(tmp_path / "cut" / m / "sae")
         for name, t in a.state_dict().items():
             assert torch.equal(t, b.state_dict()[name]), (m, name)
-    # 1488 rows = 3 buffers of 16 windows; the resume at row 496 reruns the pool buffer and buffers 2-3 only.
+    # 1488 rows = 3 buffers of 16 windows; the resume at row 496 (step 4) reruns the first buffer (pool, scale)
+    # and then buffers 2-3 only.
     assert len(forwards) == 3
 
 
