@@ -6,7 +6,8 @@ are averaged over ranks — in an optimizer pre-step hook, so after the trainer'
 without its forward wrapper (our step calls `training_loss`, not `forward`). With identical parameters and
 identical averaged gradients, Adam, the decoder renormalisation and the projection give bit-identical weights
 on every rank. Dead-latent counters use the OR of `fired` over ranks and the global batch; BatchTopK's running
-threshold (a buffer) is averaged. Only rank 0 writes the run folder.
+threshold (a buffer) is averaged. Only rank 0 writes the run folder. `max_grad_norm` (Python API only) clips each
+rank's gradient before the average, not the averaged one.
 
     torchrun --nproc_per_node=8 -m sae_toolkit train acts.h5 --hookpoint mlp_out.6 --arch topk --out run
 """

@@ -133,6 +133,9 @@ class SharedBatches:
                 "ranks": self.ctx.all_gather_object([p.state_dict() for p in self.parts])}
 
     def load_state_dict(self, state: dict) -> None:
+        if "ranks" not in state:
+            raise SAEToolkitError("cannot resume: this run was trained by plain `sae-toolkit train FILE` (one SAE, "
+                                  "one process); resume it the same way, without torchrun")
         if (state.get("world_size"), state.get("n_parts")) != (self.ctx.world_size, len(self.parts)):
             raise SAEToolkitError(f"cannot resume: the run was trained with {state.get('world_size')} processes and "
                                   f"now has {self.ctx.world_size}; resume under torchrun with "
