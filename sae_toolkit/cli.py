@@ -76,6 +76,9 @@ def _cmd_cache(args: argparse.Namespace) -> None:
         if os.environ.get("RANK") != "0":
             return
     else:
+        from sae_toolkit.activations.shards import refuse_joined
+
+        refuse_joined(cfg)
         path = cache_activations(cfg)
     print(f"wrote activations to {path}")
 

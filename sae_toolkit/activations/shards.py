@@ -83,6 +83,15 @@ def _check_out(out: Path, resume: bool) -> None:
         raise SAEToolkitError(f"{out} was cached by one process; resume it without torchrun or choose a new --out")
 
 
+def refuse_joined(cfg: CacheConfig) -> None:
+    """A one-process `cache --resume` cannot grow a joined file (its datasets are virtual): say how to resume it."""
+    out = Path(cfg.out).expanduser()
+    if cfg.resume and out.is_file() and "shards" in read_root_attrs(out):
+        world = json.loads(read_root_attrs(out)["config"]).get("world_size")
+        raise SAEToolkitError(f"{out} joins {world} rank shards; resume it under torchrun with "
+                              f"--nproc_per_node={world} (in total), or choose a new --out")
+
+
 def join_shards(out: Path, shards: list[Path], cfg: CacheConfig) -> Path:
     """Write OUT: virtual `tokens` and `acts/<hp>` over the shards' stored rows, in window order.
 

@@ -15,7 +15,7 @@ from _cache_helpers import one_thread  # noqa: F401  (fixture)
 from sae_toolkit.activations.cacher import cache_activations
 from sae_toolkit.activations.config import CacheConfig
 from sae_toolkit.activations.info import describe
-from sae_toolkit.activations.shards import join_shards, shard_path, shard_windows
+from sae_toolkit.activations.shards import join_shards, refuse_joined, shard_path, shard_windows
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
 
@@ -88,6 +88,8 @@ def test_torchrun_cache_resumes_a_killed_shard_and_equals_one_process(tmp_path: 
     assert "resuming" in run.stdout and "after 4 of 12 sequences" in run.stdout
     assert "wrote activations to acts.h5" in run.stdout
     assert_same(contents(tmp_path / "acts.h5"), one_process)
+    with pytest.raises(SAEToolkitError, match="joins 2 rank shards; resume it under torchrun"):
+        refuse_joined(config(tmp_path / "acts.h5", resume=True))
 
 
 def test_first_window_is_validated(tmp_path: Path) -> None:
