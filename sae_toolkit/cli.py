@@ -140,7 +140,7 @@ def _train_many(args: argparse.Namespace, base) -> bool:
                             expansions=args.expansion, ks=args.k)
     ctx = init_distributed(args.device)
     try:
-        root = train_sweep(configs, stream=stream, ctx=ctx)
+        root = train_sweep(configs, stream=stream, ctx=ctx, distribute_modules=args.distribute_modules)
     finally:
         if ctx.active:
             import torch.distributed as dist
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-batch-size", type=int, default=32, help="windows per forward pass for --model")
     t.add_argument("--buffer-tokens", type=_size, default=None,
                    help="shuffle buffer for --model (default: 32 batches)")
+    t.add_argument("--distribute-modules", action="store_true",
+                   help="under torchrun: each hookpoint's SAEs on one rank, fed every rank's rows")
     t.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")
     t.add_argument("--batch-size", type=int, default=4096, help="tokens per step")

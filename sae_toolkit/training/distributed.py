@@ -86,6 +86,17 @@ class DistContext:
         dist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
+    def gather_rows(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """[rows, ...] of equal size on every rank → [world_size * rows, ...] in rank order on rank `dst`, None
+        elsewhere."""
+        if not self.active:
+            return x
+        import torch.distributed as dist
+
+        out = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == dst else None
+        dist.gather(x.contiguous(), out, dst=dst)
+        return torch.cat(out) if out is not None else None
+
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place average over ranks."""
         if self.active:
@@ -162,9 +173,13 @@ class DistributedTrainer(Trainer):
     train_config.json. `extra_config` is that `source` (the StreamConfig dict, or None for a cache).
     """
 
-    def __init__(self, cfg: TrainConfig, store: Any, ctx: DistContext, extra_config: dict | None = None):
+    def __init__(self, cfg: TrainConfig, store: Any, ctx: DistContext, extra_config: dict | None = None,
+                 world_size: int | None = None):
+        """world_size: what train_config.json records (default ctx.world_size; with --distribute-modules the
+        trainer's own ctx is a one-process one while the job has more processes)."""
         self.ctx = ctx
         self.extra_config = extra_config
+        self.world_size = world_size or ctx.world_size
         super().__init__(cfg, store=store)
         if ctx.active:
             self.opt.register_step_pre_hook(self._average_gradients)
@@ -181,7 +196,7 @@ class DistributedTrainer(Trainer):
             super()._start_run()
             path = self.run_dir / "train_config.json"
             saved = json.loads(path.read_text())
-            saved.update({"world_size": self.ctx.world_size, "source": self.extra_config})
+            saved.update({"world_size": self.world_size, "source": self.extra_config})
             path.write_text(json.dumps(saved, indent=2) + "\n")
         self.ctx.broadcast_module_(self.sae)  # rank 0's b_dec initialisation
         self.ctx.barrier()

@@ -54,15 +54,22 @@ def sweep_configs(base: TrainConfig, *, hookpoints: list[str], archs: list[str],
 
 
 def train_sweep(configs: list[TrainConfig], *, stream: StreamConfig | None = None, ctx: DistContext | None = None,
-                n_parts: int = 1) -> Path:
+                n_parts: int = 1, distribute_modules: bool = False) -> Path:
     """Train every config on the same batches; returns the top RUN_DIR.
 
     stream: train from the model (the configs' `acts` is then unused). ctx: the torchrun context (None: one
     process). n_parts: in one process, hold the data of `n_parts` ranks — the exact global batches of an
     `n_parts`-rank torchrun run (used to check that a distributed run equals a one-process one).
+    distribute_modules: under torchrun, each hookpoint's SAEs live on one rank (hookpoint i on rank i mod N);
+    every rank still reads its own rows of every hookpoint and sends them to the owner, which trains on the
+    global batch without any gradient all-reduce (sparsify's `distribute_modules`).
     """
     ctx = ctx or DistContext()
     first = configs[0]
+    if distribute_modules and len({c.hookpoint for c in configs}) < ctx.world_size:
+        raise SAEToolkitError(f"--distribute-modules puts each hookpoint on its own rank, but there are "
+                              f"{len({c.hookpoint for c in configs})} hookpoint(s) for {ctx.world_size} processes; "
+                              "give at least as many --hookpoint as processes, or drop --distribute-modules")
     for cfg in configs[1:]:
         for name in SHARED_FIELDS:
             if getattr(cfg, name) != getattr(first, name):
@@ -86,9 +93,14 @@ def train_sweep(configs: list[TrainConfig], *, stream: StreamConfig | None = Non
             buffer = shared.parts[0].buffer_windows * stream.context_size * ctx.world_size * len(shared.parts)  # type: ignore[attr-defined]
             print(f"streaming {', '.join(hookpoints)} from {stream.model} on {stream.dataset}: shuffle buffer "
                   f"{buffer:,} tokens ({buffer / first.batch_size:.0f} batches of {first.batch_size})")
-        trainers = [DistributedTrainer(cfg, HookpointView(shared, cfg.hookpoint, cfg.seq_range), ctx, source)
-                    for cfg in configs]
-        _fit(trainers, shared, ctx)
+        owner = {hp: (i % ctx.world_size if distribute_modules else ctx.rank) for i, hp in enumerate(hookpoints)}
+        # An owned SAE sees the gathered global batch, so its trainer runs as if alone (no gradient all-reduce).
+        member_ctx = DistContext() if distribute_modules else ctx
+        members = [DistributedTrainer(cfg, HookpointView(shared, cfg.hookpoint, cfg.seq_range), member_ctx, source,
+                                      world_size=ctx.world_size)
+                   if owner[cfg.hookpoint] == ctx.rank else None for cfg in configs]
+        ctx.barrier()
+        _fit(members, shared, ctx, first, owner if distribute_modules else None)
     finally:
         shared.close()
     return root
@@ -134,21 +146,30 @@ def _align_checkpoints(run_dirs: list[Path]) -> None:
                 shutil.rmtree(path)
 
 
-def _fit(trainers: list[DistributedTrainer], shared: SharedBatches, ctx: DistContext) -> None:
-    """The loop of Trainer.fit for several trainers: one shared batch per step, each SAE one update on its rows."""
+def _fit(members: list[DistributedTrainer | None], shared: SharedBatches, ctx: DistContext, cfg: TrainConfig,
+         owner: dict[str, int] | None = None) -> None:
+    """The loop of Trainer.fit for several trainers: one shared batch per step, each SAE one update on its rows.
+
+    members: one entry per sweep member, None where another rank owns it (owner: hookpoint → rank, with
+    distribute_modules: each hookpoint's rows are then gathered to its owner every step). cfg: the settings the
+    members share (batch, logging, checkpoints).
+    """
     from tqdm.auto import tqdm
 
-    cfg = trainers[0].cfg
-    total, step = trainers[0].total_steps, trainers[0].step
-    if any(t.total_steps != total or t.step != step for t in trainers):
+    trainers = [t for t in members if t is not None]
+    positions = {p for per_rank in ctx.all_gather_object([(t.total_steps, t.step) for t in trainers])
+                 for p in per_rank}
+    if len(positions) != 1:
         raise SAEToolkitError("sweep members are at different steps; resume each from the same checkpoint step")
+    (total, step), = positions
+    for t in trainers:
+        print(f"training {t.cfg.arch} SAE d_in={t.d_in} d_sae={t.d_sae} on {t.cfg.hookpoint} → {t.run_dir}"
+              + (f" (rank {ctx.rank})" if owner else ""))
     if ctx.is_main:
-        for t in trainers:
-            print(f"training {t.cfg.arch} SAE d_in={t.d_in} d_sae={t.d_sae} on {t.cfg.hookpoint} → {t.run_dir}")
-        print(f"{len(trainers)} SAE(s), {t.total_tokens:,} tokens ({total} steps of {cfg.batch_size} over "
+        print(f"{len(members)} SAE(s), {trainers[0].total_tokens:,} tokens ({total} steps of {cfg.batch_size} over "
               f"{ctx.world_size} process(es)) on {trainers[0].device}")
     bar = tqdm(total=total * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-               desc=f"train {len(trainers)} SAE(s)", dynamic_ncols=True,
+               desc=f"train {len(members)} SAE(s)", dynamic_ncols=True,
                **({} if ctx.is_main else {"disable": True}))  # rank 0's bar only; TQDM_DISABLE still works
     last_saved = step
     try:
@@ -157,6 +178,8 @@ def _fit(trainers: list[DistributedTrainer], shared: SharedBatches, ctx: DistCon
             t._tick = (time.perf_counter(), t.step)
         while step < total:
             batches = shared.next_batches()
+            if owner is not None:  # [rows of this rank, d] → [global batch, d] on the owner
+                batches = {hp: ctx.gather_rows(x, dst=owner[hp]) for hp, x in batches.items()}
             for t in trainers:
                 if t.step in t.resample_steps:
                     t.resample(bar)
@@ -168,14 +191,23 @@ def _fit(trainers: list[DistributedTrainer], shared: SharedBatches, ctx: DistCon
             step += 1
             bar.update(cfg.batch_size)
             if step % cfg.checkpoint_every == 0:
-                for t in trainers:
-                    t.save_checkpoint()
+                _checkpoint(members, shared)
                 last_saved = step
+        if last_saved != step:
+            _checkpoint(members, shared)
         for t in trainers:
-            if last_saved != step:
-                t.save_checkpoint()
             t.save_sae()
     finally:
         bar.close()
         for t in trainers:
             t._close_loggers()
+
+
+def _checkpoint(members: list[DistributedTrainer | None], shared: SharedBatches) -> None:
+    """Every member's checkpoint, in member order: each one gathers all ranks' stream positions (a collective),
+    so a rank that does not own a member still takes part in its gather."""
+    for t in members:
+        if t is not None:
+            t.save_checkpoint()
+        else:
+            shared.state_dict()

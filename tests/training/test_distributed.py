@@ -109,3 +109,26 @@ def test_torchrun_from_the_model_equals_one_process_with_both_parts(tmp_path: Pa
             torch.testing.assert_close(ddp.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=f"{member} {name}")
         saved = json.loads((tmp_path / "ddp" / member / "train_config.json").read_text())
         assert saved["world_size"] == 2 and saved["source"]["model"] == "tiny-llama"
+
+
+def test_distribute_modules_puts_each_hookpoint_on_its_own_rank(tmp_path: Path) -> None:
+    a, _ = toy_superposition(32 * 64, d=16, n_true=64, seed=3)
+    b, _ = toy_superposition(32 * 64, d=8, n_true=32, seed=4)
+    acts = write_acts(tmp_path / "two.h5", {"a": a, "b": b}, context_size=64, bos_token_id=None)
+    args = ["--arch", "topk", "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(8 * 256),
+            "--device", "cpu"]
+    run = torchrun(["-m", "sae_toolkit", "train", str(acts), "--hookpoint", "a", "--hookpoint", "b", *args,
+                    "--distribute-modules", "--out", str(tmp_path / "ddp")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on b → " in run.stdout and "(rank 1)" in run.stdout
+
+    base = TrainConfig(acts=str(acts), hookpoint="a", arch="topk", k=4, expansion=4, batch_size=256,
+                       tokens=8 * 256, device="cpu", out=str(tmp_path / "one"))
+    train_sweep(sweep_configs(base, hookpoints=["a", "b"], archs=["topk"], expansions=[4], ks=[4]), n_parts=2)
+    # Hookpoint a lives on rank 0, which also holds the b_dec sample: the same SAE as one process.
+    ddp, one = SAE.load(tmp_path / "ddp" / "a" / "sae"), SAE.load(tmp_path / "one" / "a" / "sae")
+    for name, t in one.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    b_run = json.loads((tmp_path / "ddp" / "b" / "train_config.json").read_text())
+    assert b_run["world_size"] == 2 and b_run["resolved"]["d_in"] == 8
+    assert (tmp_path / "ddp" / "b" / "sae" / "sae.safetensors").is_file()
