@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import sae_toolkit
 from sae_toolkit import __version__
@@ -22,6 +23,21 @@ def _size(text: str) -> int:
         return parse_size(text)
     except SAEToolkitError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _list(kind: type):
+    """`a,b,c` → [kind(a), kind(b), kind(c)] (a sweep over the values)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: write one value or a comma list, e.g. 16,32")
+        return values
+
+    return parse
 
 
 def _seq_range(text: str) -> tuple[int, int]:
@@ -53,7 +69,19 @@ def _cmd_cache(args: argparse.Namespace) -> None:
         out=args.out,
         resume=args.resume,
     )
-    path = cache_activations(cfg)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank, joined by rank 0
+        from sae_toolkit.activations.shards import cache_distributed
+
+        path = cache_distributed(cfg)
+        if os.environ.get("RANK") != "0":
+            return
+    else:
+        from sae_toolkit.activations.shards import refuse_joined
+
+        refuse_joined(cfg)
+        path = cache_activations(cfg)
     print(f"wrote activations to {path}")
 
 
@@ -67,12 +95,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from sae_toolkit.training.trainer import TrainConfig, train_sae
 
     cfg = TrainConfig(
-        acts=args.acts,
-        hookpoint=args.hookpoint,
-        arch=args.arch,
-        expansion=args.expansion,
+        acts=args.acts or "",
+        hookpoint=args.hookpoint[0],
+        arch=args.arch[0],
+        expansion=args.expansion[0],
         n_features=args.n_features,
-        k=args.k,
+        k=args.k[0],
         l1_coefficient=args.l1_coefficient,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -83,8 +111,50 @@ def _cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         seq_range=args.seqs,
     )
+    if _train_many(args, cfg):
+        return
     run_dir = train_sae(cfg, force=args.force)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
+
+
+def _train_many(args: argparse.Namespace, base) -> bool:
+    """From the model, several SAEs, or under torchrun: train them side by side (training/sweep.py).
+    False when it is the plain one-SAE-from-a-file case, which `train_sae` runs."""
+    import os
+
+    many = len(args.hookpoint) > 1 or len(args.arch) > 1 or len(args.expansion) > 1 or len(args.k) > 1
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.acts and (args.model or args.dataset):
+        raise SAEToolkitError(f"got both an activation file ({args.acts}) and --model/--dataset; give one source")
+    if not args.acts and not (args.model and args.dataset):
+        raise SAEToolkitError("no activations: pass an .h5 file, or --model SPEC --dataset SPEC to train without one")
+    if args.acts and not (many or distributed):
+        return False
+    if args.force:
+        raise SAEToolkitError("--force starts over a single run; for a sweep, from the model or under torchrun "
+                              "choose a new --out (or --resume the old one)")
+    from sae_toolkit.activations.stream import StreamConfig
+    from sae_toolkit.training.distributed import init_distributed
+    from sae_toolkit.training.sweep import sweep_configs, train_sweep
+
+    stream = None if args.acts else StreamConfig(
+        model=args.model, dataset=args.dataset, hookpoints=args.hookpoint, split=args.split,
+        text_column=args.text_column, context_size=args.context_size, forward_batch=args.model_batch_size,
+        buffer_tokens=args.buffer_tokens)
+    configs = sweep_configs(base, hookpoints=list(dict.fromkeys(args.hookpoint)), archs=args.arch,
+                            expansions=args.expansion, ks=args.k)
+    ctx = init_distributed(args.device)
+    try:
+        root = train_sweep(configs, stream=stream, ctx=ctx, distribute_modules=args.distribute_modules)
+    finally:
+        if ctx.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if ctx.is_main:
+        where = "" if len(configs) == 1 else f" ({len(configs)} runs: {', '.join(Path(c.out).name for c in configs)})"
+        print(f"wrote run to {root}{where}")
+    return True
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
@@ -152,14 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.set_defaults(func=_cmd_info)
 
-    t = sub.add_parser("train", help="train an SAE on cached activations")
-    t.add_argument("acts", help="activation .h5 file")
-    t.add_argument("--hookpoint", required=True)
-    t.add_argument("--arch", required=True, choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t = sub.add_parser("train", help="train SAEs on cached activations or straight from a model")
+    t.add_argument("acts", nargs="?", default=None, help="activation .h5 file (or --model and --dataset)")
+    t.add_argument("--hookpoint", required=True, action="append", help="repeatable: one SAE per hookpoint")
+    t.add_argument("--arch", required=True, type=_list(str),
+                   help="relu, topk, batchtopk, jumprelu or gated; a comma list trains each side by side")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--expansion", type=int, default=8, help="d_sae = expansion * d_in")
+    g.add_argument("--expansion", type=_list(int), default=[8], help="d_sae = expansion * d_in; e.g. 8,16")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")
-    t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    t.add_argument("--k", type=_list(int), default=[32], help="latents per token (topk, batchtopk); e.g. 16,32,64")
+    t.add_argument("--model", default=None, help="train from this model's forward pass instead of a file")
+    t.add_argument("--dataset", default=None, help="corpus for --model (as for cache)")
+    t.add_argument("--split", default="train")
+    t.add_argument("--text-column", default=None)
+    t.add_argument("--context-size", type=int, default=128, help="window size for --model")
+    t.add_argument("--model-batch-size", type=int, default=32, help="windows per forward pass for --model")
+    t.add_argument("--buffer-tokens", type=_size, default=None,
+                   help="shuffle buffer for --model (default: 32 batches)")
+    t.add_argument("--distribute-modules", action="store_true",
+                   help="under torchrun: each hookpoint's SAEs on one rank, fed every rank's rows")
     t.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")
     t.add_argument("--batch-size", type=int, default=4096, help="tokens per step")

@@ -66,7 +66,10 @@ def _cache_locked(cfg: CacheConfig, out: Path) -> Path:
     _check_context(model, cfg.context_size)
     widths = _probe_widths(model, hookpoints, device)
 
-    batches = window_batches(token_windows(documents, tokenizer, cfg.context_size), cfg.batch_size)
+    windows = token_windows(documents, tokenizer, cfg.context_size)
+    if cfg.first_window:  # a rank's shard: tokenized and dropped, never run through the model
+        windows = _drop_windows(windows, cfg.first_window)
+    batches = window_batches(windows, cfg.batch_size)
     if done:  # regenerate and skip what is stored; the last stored window proves the corpus is unchanged
         batches = _skip_stored(batches, out, done, cfg.batch_size)
     batches = _prefetch(batches)
@@ -305,6 +308,16 @@ def _skip_stored(batches, out: Path, done: int, batch_size: int):
         yield from batches
 
     return window_batches(remaining(), batch_size)
+
+
+def _drop_windows(blocks: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """The window blocks without their first ``n`` windows."""
+    for block in blocks:
+        if n >= len(block):
+            n -= len(block)
+            continue
+        yield block[n:]
+        n = 0
 
 
 def _prefetch(items: Iterator[np.ndarray], depth: int = 8) -> Iterator[np.ndarray]:

@@ -43,6 +43,8 @@ class CacheConfig:
     """`auto`, `cpu`, `cuda`, `cuda:N`."""
     resume: bool = False
     """Continue an interrupted `out` file instead of refusing to touch it."""
+    first_window: int = 0
+    """Skip this many corpus windows first (one rank's shard under torchrun; see activations/shards.py)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.hookpoints, str):
@@ -60,6 +62,8 @@ class CacheConfig:
             raise SAEToolkitError(f"context_size={self.context_size!r} must be an integer >= 2")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SAEToolkitError(f"batch_size={self.batch_size!r} must be a positive integer")
+        if not isinstance(self.first_window, int) or self.first_window < 0:
+            raise SAEToolkitError(f"first_window={self.first_window!r} must be a non-negative integer")
         if self.dtype not in DTYPES:
             raise SAEToolkitError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -77,13 +77,15 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
 class Trainer:
     """Trains one SAE on one hookpoint of an activation file, writing RUN_DIR as it goes."""
 
-    def __init__(self, cfg: TrainConfig, force: bool = False):
-        """force: delete an earlier run's own files in cfg.out first (never others' files; not with resume)."""
+    def __init__(self, cfg: TrainConfig, store: Any = None, force: bool = False):
+        """store: where batches come from — anything with ActivationStore's attributes (training/sources.py);
+        None opens `cfg.acts` at `cfg.hookpoint`. force: delete an earlier run's own files in cfg.out first
+        (never others' files; not with resume)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         checkpoint = self._check_run_dir(force)
         self.device = torch.device(resolve_device(cfg.device))
-        self.store = ActivationStore(
+        self.store = store if store is not None else ActivationStore(
             cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
             seq_range=cfg.seq_range, exclude_bos=cfg.exclude_bos, normalize=cfg.normalize,
             in_memory=cfg.in_memory, prefetch=cfg.prefetch)
