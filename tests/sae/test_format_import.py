@@ -102,8 +102,12 @@ def test_analyze_and_import_every_format(fmt, acts_file, tmp_path, capsys):
 
     if fmt == "sparsify":  # several SAEs: analyze needs the folder; import picks one with --hookpoint
         src = sae_path
-    out = build_report(src, acts=acts, out=tmp_path / "report", device="cpu")
+    # Gemma Scope's model comes from its repository name (google/gemma-2-2b), not the tiny model these
+    # activations are from: analyze refuses that mismatch unless it is allowed, and then notes it
+    mismatch = fmt == "gemma_scope"
+    out = build_report(src, acts=acts, out=tmp_path / "report", device="cpu", allow_mismatch=mismatch)
     m = json.loads((out / "metrics.json").read_text())
+    assert any("gemma-2-2b" in n for n in m.get("notes", [])) == mismatch
     assert m["hookpoint"] == "mlp_out.1" and m["tokens"] == x.shape[0]
     l0_ref = float((f_ref > 0).sum(-1).double().mean())
     fvu_ref = float((x - x_hat_ref).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
