@@ -80,6 +80,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         out=args.out,
         resume=args.resume,
         seq_range=args.seqs,
+        compile=args.compile,
     )
     run_dir = train_sae(cfg)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--seqs", type=_seq_range, default=None, help="train on sequences START:STOP only")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss + backward as one graph (slow first step; for GPU runs)")
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")

@@ -12,7 +12,8 @@ from sae_toolkit.sae import ARCHS
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = {"acts", "out", "resume", "device", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "logger", "wandb_project", "run_name", "prefetch"}
+                      "logger", "wandb_project", "run_name", "prefetch",
+                      "compile"}
 
 
 @dataclass
@@ -79,6 +80,9 @@ class TrainConfig:
     """Clip the gradient norm to this value (None: no clipping)."""
     autocast: bool = True
     """bf16 autocast on CUDA (weights and Adam state stay fp32). No effect on CPU."""
+    compile: bool = False
+    """Run the training loss and its backward through torch.compile(fullgraph=True) (one graph, no host syncs).
+    The first step pays the compilation (a minute or more on CPU); worth it for long GPU runs."""
 
     decoder_norm_penalty: bool = False
     """relu: Anthropic's April-2024 variant (λ Σ fᵢ‖W_dec,i‖, decoder norms free) instead of unit-norm rows."""

@@ -4,7 +4,15 @@ import pytest
 import torch
 from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
 
-from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+from sae_toolkit.sae import kernels, topk
+from sae_toolkit.sae.kernels import (
+    SparseActs,
+    batch_topk_code,
+    sparse_decode,
+    sparse_pre_acts,
+    topk_code,
+    transposed,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -162,6 +170,72 @@ def test_auxk_is_zero_without_dead_latents():
     x = torch.randn(8, sae.cfg.d_in)
     assert sae.training_loss(x).parts["auxk"] == 0
     assert sae.training_loss(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).parts["auxk"] == 0
+
+
+@pytest.fixture(params=["cpu_branches", "gpu_branches"])
+def branches(request, monkeypatch):
+    """Run a test with the kernels' and the AuxK loss's CPU choices, then with the ones a GPU takes (forced)."""
+    if request.param == "gpu_branches":
+        monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)  # chunked row gathers + bmm
+        monkeypatch.setattr(topk, "_host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [("topk", {}), ("topk", {"multi_topk": True}), ("batchtopk", {}), ("topk", {"apply_b_dec_to_input": False})],
+    ids=["topk", "multi_topk", "batchtopk", "topk_no_b_dec_in"],
+)
+def test_both_branches_match_dense_reference(arch, kw, branches):
+    sae = randomized(arch, seed=7, **kw)
+    x = torch.randn(24, sae.cfg.d_in)
+    for dead in (torch.arange(D_SAE) % 3 == 0, torch.arange(D_SAE) < 2):  # k_aux = 4 > 2 dead: −inf picks
+        out = sae.training_loss(x, dead_mask=dead)
+        ref = topk_loss_ref(sae, x, dead)
+        for name in ref:
+            torch.testing.assert_close(out.parts[name], ref[name], msg=f"loss part {name} ({branches})")
+        assert out.parts["auxk"] > 0
+        got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name} ({branches})")
+        # AuxK's gradient reaches the dead latents' encoder columns (DESIGN §5)
+        aux = grads_of(sae, out.parts["auxk"])
+        assert aux["W_enc"][:, dead].abs().sum() > 0 and torch.all(aux["W_enc"][:, ~dead] == 0)
+    none_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    assert sae.training_loss(x, dead_mask=none_dead).parts["auxk"] == 0
+
+
+@pytest.mark.parametrize("k", [3, None])
+def test_gather_dot_branches_and_row_blocks_agree(k, monkeypatch):
+    g_ = torch.Generator().manual_seed(4)
+    n, d, n_cols = 37, 6, 50
+    g, W = torch.randn(n, d, generator=g_), torch.randn(n_cols, d, generator=g_)
+    code = topk_code(torch.randn(n, n_cols, generator=g_), 3)
+    if k is None:  # uneven rows, one token without entries
+        keep = code.rows != 5
+        code = SparseActs(code.vals[keep], code.rows[keep], code.cols[keep], n)
+    want = (g @ W.t())[code.rows, code.cols]
+    results = {"dense": kernels._gather_dot(g, W, code.rows, code.cols, k)}
+    monkeypatch.setattr(kernels, "_DENSE_BLOCK", 8 * n_cols)  # 8-row blocks: the static block bounds
+    results["dense_blocks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
+    monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)
+    monkeypatch.setattr(kernels, "_chunk_elements", lambda device: 5 * d * 3)  # several gather chunks
+    results["gather_chunks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
+    for name, got in results.items():
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_shared_transpose_gives_the_same_gradients():
+    x, W_enc, b_enc, W_dec = _random_problem(n=11, d_sae=20, seed=6)
+    with torch.no_grad():
+        code = batch_topk_code(x @ W_enc + b_enc, 3)
+    grads = []
+    for t in (None, transposed(code, 20)):
+        z = sparse_pre_acts(code, x, W_enc, b_enc, t=t)
+        x_hat = sparse_decode(code._replace(vals=z), W_dec, t)
+        grads.append(torch.autograd.grad(x_hat.pow(3).sum(), [x, W_enc, b_enc, W_dec]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu
