@@ -15,8 +15,8 @@ import math
 import os
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +50,8 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
                max_grad_norm: float | None = None, loss_fn: Callable[..., TrainOutput] | None = None) -> TrainOutput:
     """One Adam update on batch x [batch, d_in]; returns the SAE's TrainOutput (computed before the update).
 
-    loss_fn: a compiled `sae.training_loss` (default: the eager one). For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
+    loss_fn: a compiled `sae.training_loss` (default: the eager one). For unit-norm archs the gradient component
+    parallel to each decoder row is removed before the step and the
     rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
     """
     if lr is not None:
