@@ -45,6 +45,21 @@ class SparseActs(NamedTuple):
         return out.index_put((self.rows, self.cols), self.vals, accumulate=True)
 
 
+def host_syncs_ok(t: Tensor) -> bool:
+    """Whether a loss may read tensor values on the host (data-dependent shapes, early exits, density checks).
+
+    Only in eager CPU code, where a "sync" costs nothing; on a GPU it would stall the launch queue and under
+    torch.compile it would break the graph. Tests monkeypatch this to run the static (GPU) paths on CPU.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def positive_code(pre: Tensor) -> SparseActs:
+    """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync."""
+    rows, cols = (pre > 0).nonzero(as_tuple=True)  # row-major, so sorted by row
+    return SparseActs(pre[rows, cols], rows, cols, pre.shape[0])
+
+
 def topk_code(pre: Tensor, k: int) -> SparseActs:
     """[batch, d_sae] pre-activations → the k largest per row (values unchanged, sorted descending per row)."""
     vals, idx = pre.topk(k, dim=-1, sorted=True)  # [batch, k]
@@ -214,6 +229,36 @@ class _SparsePreActs(Function):
             grad_b_dec = -(W_enc @ grad_b)
         grad_b = grad_b if ctx.needs_input_grad[3] else None
         return None, grad_in, grad_W, grad_b, grad_b_dec, None, None, None, None, None, None
+
+
+class _DensePreActs(Function):
+    @staticmethod
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(sae_in, W_enc)
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        sae_in, W_enc = ctx.saved_tensors
+        grad_in = grad_W = grad_b = grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            grad_in = (g @ W_enc.t().to(g.dtype)).to(sae_in.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = (sae_in.to(g.dtype).t() @ g).to(W_enc.dtype)  # [d_in, d_sae], in g's (autocast) dtype
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_b = g.sum(0, dtype=W_enc.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b_dec = -(W_enc @ grad_b)  # sae_in = x − b_dec: one matvec instead of G W_encᵀ summed
+        return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec
+
+
+def dense_pre_acts(pre: Tensor, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """[batch, d_sae] pre-activations `pre` = sae_in W_enc + b_enc (computed without grad) with their gradients.
+
+    The dense counterpart of `sparse_pre_acts`: with b_dec given (sae_in = x − b_dec, neither with grad), ∂b_dec
+    is the matvec −W_enc Σ_tokens G instead of autograd's [batch, d_sae] × [d_sae, d_in] GEMM.
+    """
+    return _DensePreActs.apply(pre, sae_in, W_enc, b_enc, b_dec)
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, t: Transposed | None = None) -> Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
 from sae_toolkit.sae.kernels import (
     SparseActs,
@@ -18,15 +19,6 @@ from sae_toolkit.sae.kernels import (
     transposed,
 )
 from sae_toolkit.sae.registry import register
-
-
-def _host_syncs_ok(t: Tensor) -> bool:
-    """Whether the loss may read tensor values on the host (data-dependent shapes, early exits).
-
-    Only in eager CPU code, where a "sync" costs nothing; on a GPU it would stall the launch queue and under
-    torch.compile it would break the graph. Tests monkeypatch this to run the static path on CPU.
-    """
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @register
@@ -103,7 +95,7 @@ class TopKSAE(SAE):
             raise SAEToolkitError(f"dead_mask has shape {tuple(dead_mask.shape)}, expected ({self.cfg.d_sae},)")
         dead_mask = dead_mask.to(pre.device, torch.bool)
         e = (x - x_hat).detach()
-        if _host_syncs_ok(pre):
+        if kernels.host_syncs_ok(pre):
             dead = dead_mask.nonzero().squeeze(1)  # [n_dead]
             if dead.numel() == 0:
                 return zero

@@ -114,7 +114,7 @@ class Trainer:
         self._loss_fn = (torch.compile(self.sae.training_loss, fullgraph=True, dynamic=False,
                                        backend=COMPILE_BACKEND) if cfg.compile else None)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
-                                    fused=self.device.type == "cuda")
+                                    fused=self.device.type in ("cuda", "cpu"))  # CPU: 3.3x foreach
         self.step = 0
         self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
 
-from sae_toolkit.sae import kernels, topk
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.kernels import (
     SparseActs,
     batch_topk_code,
@@ -177,7 +177,7 @@ def branches(request, monkeypatch):
     """Run a test with the kernels' and the AuxK loss's CPU choices, then with the ones a GPU takes (forced)."""
     if request.param == "gpu_branches":
         monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)  # chunked row gathers + bmm
-        monkeypatch.setattr(topk, "_host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
+        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
     return request.param
 
 
@@ -257,3 +257,48 @@ def test_cuda_kernels_match_dense_reference(arch):
         out = sae32.training_loss(x.float(), dead_mask=dead)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad.dtype == torch.float32 for p in sae32.parameters())
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse", "gpu"])
+@pytest.mark.parametrize("kw", [{}, {"decoder_norm_penalty": True}, {"apply_b_dec_to_input": False}],
+                         ids=["unit_norm", "april", "no_b_dec_in"])
+def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
+    from sae_toolkit.sae import relu
+
+    # forced: "dense" never takes the sparse kernels, "sparse" always does, "gpu" may not sync to decide
+    monkeypatch.setattr(relu, "SPARSE_MAX_DENSITY", {"dense": -1.0, "sparse": 1.0, "gpu": 1.0}[path])
+    if path == "gpu":
+        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)
+    taken = []
+    monkeypatch.setattr(kernels, "positive_code", lambda pre, f=kernels.positive_code: taken.append(1) or f(pre))
+    sae = randomized("relu", seed=9, **kw)
+    x = torch.randn(20, sae.cfg.d_in)
+    out = sae.training_loss(x, sparsity_scale=0.7)
+    assert bool(taken) == (path == "sparse")
+    # the formulas written out (autograd through every dense matmul)
+    sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    f = (sae_in @ sae.W_enc + sae.b_enc).relu()
+    weights = sae.W_dec.norm(dim=-1) if sae.cfg.decoder_norm_penalty else torch.ones(D_SAE)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    ref = {"mse": (x - x_hat).pow(2).sum(-1).mean(), "l1": sae.cfg.l1_coefficient * 0.7 * (f * weights).sum(-1).mean()}
+    for name in ref:
+        torch.testing.assert_close(out.parts[name], ref[name], msg=f"loss part {name}")
+    torch.testing.assert_close(out.x_hat, x_hat)
+    assert torch.equal(out.fired, (f > 0).any(0))
+    torch.testing.assert_close(out.l0, (f > 0).sum(-1).double().mean().to(out.l0.dtype))
+    got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name} ({path})")
+
+
+def test_relu_takes_the_sparse_path_only_at_low_density(monkeypatch):
+    taken = []
+    monkeypatch.setattr(kernels, "positive_code", lambda pre, f=kernels.positive_code: taken.append(1) or f(pre))
+    sae = randomized("relu", seed=2)
+    x = torch.randn(64, sae.cfg.d_in)
+    sae.training_loss(x)  # random biases: roughly half the pairs fire
+    assert not taken
+    with torch.no_grad():  # ~2 % of the pairs fire, as in a trained ReLU SAE
+        sae.b_enc.copy_(-((x - sae.b_dec) @ sae.W_enc).quantile(0.98, dim=0))
+    out = sae.training_loss(x)
+    assert taken and out.l0 <= 0.05 * D_SAE
