@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-column", default=None, help="column holding the text (default: guessed)")
     c.add_argument("--tokens", required=True, type=_size, help="tokens to cache, e.g. 20k, 1M")
     c.add_argument("--context-size", type=int, default=128)
-    c.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 32k tokens' worth on a GPU, 32 on CPU)")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     c.add_argument("--device", default="auto")
     c.add_argument("--out", required=True, help="output .h5 file")

@@ -55,9 +55,10 @@ def cache_activations(cfg: CacheConfig) -> Path:
     _check_context(model, cfg.context_size)
     widths = _probe_widths(model, hookpoints, device)
 
-    batches = window_batches(token_windows(documents, tokenizer, cfg.context_size), cfg.batch_size)
+    windows = cfg.windows_per_forward(device)
+    batches = window_batches(token_windows(documents, tokenizer, cfg.context_size), windows)
     if done:  # regenerate and skip what is stored; the last stored window proves the corpus is unchanged
-        batches = _skip_stored(batches, out, done, cfg.batch_size)
+        batches = _skip_stored(batches, out, done, windows)
     if done is None:
         create_file(out, cfg, identity, tokenizer, hookpoints, widths)
         done, target = 0, cfg.n_seqs_target
@@ -183,20 +184,29 @@ def _forward(
 
     ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
     acts = run_capture(model, hookpoints, ids)
-    # One device sync for all checks: the largest |x| per hookpoint (NaN propagates through amax).
-    peaks = torch.stack([acts[hp.name].abs().amax().float() for hp in hookpoints]).tolist()
+    peaks = torch.stack([acts[hp.name].abs().amax().float() for hp in hookpoints])  # NaN propagates through amax
+    # Device → host copies queued without waiting (into pinned memory on CUDA, so they are DMA transfers), then
+    # one sync for everything: the peaks, which the stream delivers after the copies.
+    host = {hp.name: _to_host(acts[hp.name].reshape(-1, acts[hp.name].shape[-1]), cfg.dtype) for hp in hookpoints}
     limit = FLOAT16_MAX if cfg.dtype == "float16" else math.inf
-    for hp, peak in zip(hookpoints, peaks):
+    for hp, peak in zip(hookpoints, peaks.tolist()):
         if not peak < limit:
             _raise_bad_values(hp.name, peak, cfg.dtype, seq, len(batch), out)
-    arrays = {}
-    for hp in hookpoints:
-        x = acts[hp.name].reshape(-1, acts[hp.name].shape[-1])  # [batch * seq, d]
-        if cfg.dtype == "bfloat16":  # numpy has no bfloat16: store the bits
-            arrays[hp.name] = x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-        else:
-            arrays[hp.name] = x.to(getattr(torch, cfg.dtype)).cpu().numpy()
-    return arrays
+    # numpy has no bfloat16: its bits are stored as uint16
+    return {name: x.view(torch.int16).numpy().view(np.uint16) if cfg.dtype == "bfloat16" else x.numpy()
+            for name, x in host.items()}
+
+
+def _to_host(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """[n, d] device activations → a host tensor in the storage dtype; on CUDA the copy is queued (non_blocking)
+    into fresh pinned memory and is complete after the caller's next sync. Elsewhere an ordinary copy."""
+    import torch
+
+    x = x.to(getattr(torch, dtype))
+    if x.device.type != "cuda":
+        return x.cpu()
+    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # the caching host allocator reuses these
+    return buf.copy_(x, non_blocking=True)
 
 
 def _raise_bad_values(name: str, peak: float, dtype: str, seq: int, n: int, out: Path) -> None:
