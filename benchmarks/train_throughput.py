@@ -41,6 +41,7 @@ RATIOS = [  # (numerator, denominator, target) — a target of None is informati
     ("topk_dead10", "sparsify_topk_dead10", 2.0),
     ("topk_nodead", "sparsify_topk_nodead", 1.5),
     ("topk_dead10", "matmul_floor", 0.4),
+    ("topk_dead10_compiled", "topk_dead10", None),
     ("topk_nodead", "matmul_floor", 0.4),
     ("relu_fresh", "saelens_relu_fresh", 1.0),
     ("relu_sparse2", "saelens_relu_sparse2", 1.5),
@@ -78,10 +79,11 @@ def _sparsify_b_enc(W_enc: torch.Tensor, b_dec: torch.Tensor, x: torch.Tensor, d
 
 
 def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Tensor, autocast: bool,
-                       names: set[str]) -> dict[str, Callable[[torch.Tensor], None]]:
+                       names: set[str], backend: str = "inductor") -> dict[str, Callable[[torch.Tensor], None]]:
     out: dict[str, Callable[[torch.Tensor], None]] = {}
 
-    def add(name: str, arch: str, dead_frac: float = 0.0, density: float | None = None) -> None:
+    def add(name: str, arch: str, dead_frac: float = 0.0, density: float | None = None,
+            compiled: bool = False) -> None:
         if name not in names:
             return
         torch.manual_seed(0)
@@ -97,14 +99,18 @@ def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Te
         # the optimizer the trainer builds (fused Adam on CPU and CUDA)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
         dead = _dead_mask(d_sae, dead_frac, device)
+        # `train --compile`: the loss + backward as one graph (compiled during the warm-up steps)
+        loss_fn = (torch.compile(sae.training_loss, fullgraph=True, dynamic=False, backend=backend)
+                   if compiled else None)
 
         def step(x: torch.Tensor) -> None:
-            train_step(sae, opt, x, dead_mask=dead, autocast=autocast)
+            train_step(sae, opt, x, dead_mask=dead, autocast=autocast, loss_fn=loss_fn)
 
         out[name] = step
 
     add("topk_dead10", "topk", 0.1)
     add("topk_nodead", "topk", 0.0)
+    add("topk_dead10_compiled", "topk", 0.1, compiled=True)
     add("batchtopk_dead10", "batchtopk", 0.1)
     add("relu_fresh", "relu")
     add("relu_sparse2", "relu", density=0.02)
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--no-autocast", action="store_true", help="on CUDA: fp32 matmuls instead of bf16 autocast")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: only checks that it runs")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="add topk_dead10_compiled (torch.compile'd loss)")
+    p.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick check on CPU")
     args = p.parse_args(argv)
     if args.quick:
         args.d_in, args.d_sae, args.batch, args.rounds, args.warmup = 32, 256, 128, 3, 1
@@ -234,12 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     all_names = {"matmul_floor", "topk_dead10", "topk_nodead", "batchtopk_dead10", "relu_fresh", "relu_sparse2",
                  "jumprelu_fresh", "jumprelu_sparse2", "gated_fresh", "sparsify_topk_dead10",
                  "sparsify_topk_nodead", "saelens_relu_fresh", "saelens_relu_sparse2"}
-    names = set(args.only) if args.only else all_names
+    names = set(args.only) if args.only else set(all_names)
+    if args.compile:
+        names.add("topk_dead10_compiled")
     batches = _batches(args.d_in, args.batch, device)
     contenders: dict[str, Callable[[torch.Tensor], None]] = {}
     if "matmul_floor" in names:
         contenders["matmul_floor"] = floor_contender(args.d_in, args.d_sae, device, autocast)
-    contenders.update(toolkit_contenders(args.d_in, args.d_sae, device, batches[0], autocast, names))
+    contenders.update(toolkit_contenders(args.d_in, args.d_sae, device, batches[0], autocast, names,
+                                         args.compile_backend))
     contenders.update(sparsify_contenders(args.d_in, args.d_sae, device, names))
     contenders.update(saelens_contenders(args.d_in, args.d_sae, device, batches[0], autocast, names))
     times = run(contenders, batches, args.rounds, args.warmup, device)
