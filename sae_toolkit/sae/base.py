@@ -107,7 +107,9 @@ class SAE(nn.Module, ABC):
         """[..., d_sae] → [..., d_in] reconstruction W_decᵀ f + b_dec."""
         if f.shape[-1] != self.cfg.d_sae:
             raise SAEToolkitError(f"decode got latents of width {f.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if not torch.is_autocast_enabled(f.device.type):  # under autocast the matmul picks the dtype; a cast
+            f = f.to(self.W_dec.dtype)  # here would write a float32 [..., d_sae] copy only to cast it back
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
         """[..., d_in] → SAEOutput(x_hat [..., d_in], feature_acts [..., d_sae]); equals decode(encode(x))."""

@@ -302,3 +302,14 @@ def test_relu_takes_the_sparse_path_only_at_low_density(monkeypatch):
         sae.b_enc.copy_(-((x - sae.b_dec) @ sae.W_enc).quantile(0.98, dim=0))
     out = sae.training_loss(x)
     assert taken and out.l0 <= 0.05 * D_SAE
+
+
+def test_decode_of_bf16_latents_under_autocast_matches_float32():
+    sae = randomized("relu", seed=4, dtype="float32")
+    f = torch.rand(6, D_SAE, dtype=torch.float32).to(torch.bfloat16)
+    want = sae.decode(f)  # outside autocast: f is cast to W_dec's float32
+    assert want.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sae.decode(f)
+    assert got.dtype == torch.float32  # bf16 matmul + float32 b_dec
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
