@@ -54,10 +54,13 @@ def host_syncs_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def positive_code(pre: Tensor) -> SparseActs:
-    """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync."""
-    rows, cols = (pre > 0).nonzero(as_tuple=True)  # row-major, so sorted by row
-    return SparseActs(pre[rows, cols], rows, cols, pre.shape[0])
+def positive_code(pre: Tensor, mask: Tensor | None = None) -> SparseActs:
+    """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync.
+    mask: `pre > 0` when the caller already has it."""
+    d_sae = pre.shape[1]
+    flat = (pre > 0 if mask is None else mask).view(-1).nonzero().squeeze(1)  # row-major: sorted by row
+    # 1-d index_select on the flat view: several times faster on CPU than 2-d advanced indexing
+    return SparseActs(pre.reshape(-1).index_select(0, flat), flat // d_sae, flat % d_sae, pre.shape[0])
 
 
 def topk_code(pre: Tensor, k: int) -> SparseActs:
@@ -163,7 +166,7 @@ def _gather_dot_dense(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int |
         return torch.cat([(g[s : s + step] @ W.t()).gather(1, cols[s * k : (s + step) * k].view(-1, k)).view(-1)
                           for s in range(0, n_rows, step)])
     if n_rows <= step:
-        return (g @ W.t())[rows, cols]
+        return (g @ W.t()).view(-1).index_select(0, rows * n_cols + cols)
     out = torch.zeros(cols.shape[0], device=g.device, dtype=g.dtype)
     for s in range(0, n_rows, step):
         # every entry looks into every block and keeps its own: nnz work per block, but no data-dependent bounds

@@ -40,8 +40,10 @@ class ReLUSAE(SAE):
             sae_in = self._sae_in(x)  # b_dec's gradient comes from the kernels as one matvec
             pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae]
         b_dec_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        if kernels.host_syncs_ok(pre) and (pre > 0).sum().item() <= SPARSE_MAX_DENSITY * pre.numel():
-            return self._sparse_training_loss(x, sae_in, pre, b_dec_in, sparsity_scale)
+        if kernels.host_syncs_ok(pre):
+            mask = pre > 0
+            if mask.sum().item() <= SPARSE_MAX_DENSITY * pre.numel():
+                return self._sparse_training_loss(x, sae_in, pre, mask, b_dec_in, sparsity_scale)
         f = kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec_in).relu()  # [batch, d_sae]
         x_hat = self.decode(f)
         weights = self.W_dec.norm(dim=-1) if self.cfg.decoder_norm_penalty else None  # [d_sae]
@@ -50,11 +52,11 @@ class ReLUSAE(SAE):
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 
-    def _sparse_training_loss(self, x: Tensor, sae_in: Tensor, pre: Tensor, b_dec_in: Tensor | None,
+    def _sparse_training_loss(self, x: Tensor, sae_in: Tensor, pre: Tensor, mask: Tensor, b_dec_in: Tensor | None,
                               sparsity_scale: float) -> TrainOutput:
         """The same loss on the active (token, latent) pairs only (eager CPU, few active pairs): decode and every
         backward run through the sparse kernels at a cost ∝ active pairs instead of batch·d_sae."""
-        code = kernels.positive_code(pre)
+        code = kernels.positive_code(pre, mask)
         t = kernels.transposed(code, self.cfg.d_sae)
         z = kernels.sparse_pre_acts(code, sae_in, self.W_enc, self.b_enc, b_dec_in, t)  # [nnz], all > 0
         x_hat = kernels.sparse_decode(code._replace(vals=z), self.W_dec, t) + self.b_dec

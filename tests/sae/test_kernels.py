@@ -270,7 +270,7 @@ def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
     if path == "gpu":
         monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)
     taken = []
-    monkeypatch.setattr(kernels, "positive_code", lambda pre, f=kernels.positive_code: taken.append(1) or f(pre))
+    monkeypatch.setattr(kernels, "positive_code", lambda *a, f=kernels.positive_code: taken.append(1) or f(*a))
     sae = randomized("relu", seed=9, **kw)
     x = torch.randn(20, sae.cfg.d_in)
     out = sae.training_loss(x, sparsity_scale=0.7)
@@ -293,7 +293,7 @@ def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
 
 def test_relu_takes_the_sparse_path_only_at_low_density(monkeypatch):
     taken = []
-    monkeypatch.setattr(kernels, "positive_code", lambda pre, f=kernels.positive_code: taken.append(1) or f(pre))
+    monkeypatch.setattr(kernels, "positive_code", lambda *a, f=kernels.positive_code: taken.append(1) or f(*a))
     sae = randomized("relu", seed=2)
     x = torch.randn(64, sae.cfg.d_in)
     sae.training_loss(x)  # random biases: roughly half the pairs fire
