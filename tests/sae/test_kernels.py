@@ -313,3 +313,11 @@ def test_decode_of_bf16_latents_under_autocast_matches_float32():
         got = sae.decode(f)
     assert got.dtype == torch.float32  # bf16 matmul + float32 b_dec
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n_keys", [50, 1 << 16, 1 << 20])  # uint16 radix path, its edge, int64 path
+def test_cpu_sorts_match_torch_stable_sort(n_keys):
+    keys = torch.randint(0, n_keys, (5000,), generator=torch.Generator().manual_seed(n_keys))
+    keys[:50] = n_keys - 1
+    assert torch.equal(kernels._argsort_stable(keys, n_keys), keys.argsort(stable=True))
+    assert torch.equal(kernels._sorted(keys), keys.sort().values)
