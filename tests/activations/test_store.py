@@ -143,10 +143,12 @@ def test_error_not_the_format(tmp_path):
         ActivationStore(tmp_path / "missing.h5", "x", batch_size=2)
 
 
-def test_error_non_finite_names_the_row(tmp_path):
-    acts = np.ones((N_SEQS * CTX, D), dtype=np.float32)
-    acts[3 * CTX + 5, 2] = np.inf
-    path = write_acts(tmp_path / "a.h5", {"hp": acts}, context_size=CTX)
+@pytest.mark.parametrize("dtype,bad", [("float32", np.inf), ("float16", np.inf), ("float16", np.nan),
+                                       ("bfloat16", -np.inf), ("bfloat16", np.nan)])
+def test_error_non_finite_names_the_row(tmp_path, dtype, bad):
+    acts = np.full((N_SEQS * CTX, D), 65504.0 if dtype == "float16" else 3e38, dtype=np.float32)  # finite maxima
+    acts[3 * CTX + 5, 2] = bad
+    path = write_acts(tmp_path / "a.h5", {"hp": acts}, context_size=CTX, dtype=dtype)
     with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1)) as store:
         with pytest.raises(SAEToolkitError, match=r"non-finite value in row 53 \(sequence 3, position 5\)"):
             store.next_batch()
