@@ -223,6 +223,12 @@ class ActivationStore:
         """Usable rows of `[lo, hi)` in the stored dtype `[n, d_in]` (bfloat16: uint16 bits); raises on
         non-finite values."""
         rows = self._dset[lo:hi]
+        self._check_finite(rows, lo)
+        keep = self._keep[lo - self._row_start:hi - self._row_start]
+        return rows if keep.all() else rows[keep]  # no copy when nothing is excluded
+
+    def _check_finite(self, rows: np.ndarray, lo: int) -> None:
+        """Raise naming the first row (file row `lo` + i) of `rows` with a non-finite value."""
         if rows.itemsize == 2:  # float16 / bfloat16 bits: inf or nan have every exponent bit set
             # integer ops on the bits: numpy's float16 arithmetic is emulated and ~20x slower
             exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
@@ -235,8 +241,6 @@ class ActivationStore:
             raise SAEToolkitError(f"acts/{self.hookpoint} in {self.path} has a non-finite value in row {bad} "
                                   f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
                                   "--dtype bfloat16 or float32)")
-        keep = self._keep[lo - self._row_start:hi - self._row_start]
-        return rows if keep.all() else rows[keep]  # no copy when nothing is excluded
 
     # ---- the stream ----
 
@@ -246,7 +250,7 @@ class ActivationStore:
         order = rng.permutation(len(self._blocks))
         return [order[i:i + self.buffer_blocks] for i in range(0, len(order), self.buffer_blocks)]
 
-    def _group(self, epoch: int, g: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _group(self, epoch: int, g: int, group: np.ndarray, buffer: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One shuffle group as `(source [m, d_in], index [n])`: its rows in stream order are `source[index]`.
 
         Streaming reads the group's blocks; in memory, the source is the loaded array and only indices move,
@@ -257,21 +261,42 @@ class ActivationStore:
             index = np.concatenate([np.arange(self._block_first[b], self._block_first[b] + self._block_counts[b])
                                     for b in group])
         else:
-            source = np.concatenate([self._read_rows(*self._blocks[b]) for b in group])
-            index = np.arange(len(source))
+            source, index = self._read_group(group, buffer)
         perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(index))
         return source, index[perm]
+
+    def _read_group(self, group: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read the group's blocks straight into reusable buffer `buffer` (h5py read_direct: no intermediate array,
+        no fresh pages to fault in) → (buffer, positions of the usable rows in it, in block order). BOS rows stay
+        in the buffer and are skipped by the index instead of being copied out."""
+        if self._buffers[buffer] is None:
+            self._buffers[buffer] = np.empty((self.buffer_blocks * self._block_rows, self.d_in), self._dset.dtype)
+        buf, at, positions = self._buffers[buffer], 0, []
+        for b in group:
+            lo, hi = self._blocks[b]
+            dst = buf[at:at + hi - lo]
+            self._dset.read_direct(dst, np.s_[lo:hi])
+            self._check_finite(dst, lo)
+            positions.append(at + np.flatnonzero(self._keep[lo - self._row_start:hi - self._row_start]))
+            at += hi - lo
+        return buf, np.concatenate(positions)
 
     def _row_stream(self, rows_done: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive `(source, index)` pieces of the stream, starting `rows_done` rows in."""
         epoch, offset = divmod(rows_done, self.n_rows)
+        # Streaming groups rotate through 3 reusable buffers: a batch takes rows from at most 3 consecutive groups
+        # (the tail of one, a short last group of the epoch, the head of the next epoch's first), and each piece
+        # is copied out before the group 3 places later is read.
+        self._buffers: list[np.ndarray | None] = [None, None, None]
+        n_read = 0
         while True:
             for g, group in enumerate(self._epoch_groups(epoch)):
                 n = int(self._block_counts[group].sum())
                 if offset >= n:
                     offset -= n  # skipped without reading: resuming only costs the reads it needs
                     continue
-                source, index = self._group(epoch, g, group)
+                source, index = self._group(epoch, g, group, n_read % 3)
+                n_read += 1
                 yield source, index[offset:]
                 offset = 0
             epoch += 1
