@@ -34,7 +34,7 @@ def table(out: Path) -> str:
         if value is None:
             lines.append(f"| {figure} | not measured | {target if target is not None else ''} | |")
             return
-        shown = f"{value / 1e6:.2f}M {unit}" if unit else f"{value:.3g}"
+        shown = (f"{value / 1e6:.2f}M {unit}" if value >= 1e5 else f"{value:,.0f} {unit}") if unit else f"{value:.3g}"
         tgt = "" if target is None else (f"≥ {target / 1e6:.2f}M" if unit else f"≥ {target:g}")
         met = "" if target is None else ("yes" if value >= target else "**no**")
         lines.append(f"| {figure} | {shown} | {tgt} | {met} |")
@@ -44,6 +44,7 @@ def table(out: Path) -> str:
             lines.append(f"| CUDA tests (pytest -m gpu) | {step.get('summary', '')} | all pass | "
                          f"{'yes' if step.get('rc') == 0 else '**no**'} |")
     a, b = _rows(out, "train_576"), _rows(out, "train_1536")
+    a += [r for r in _rows(out, "train_576_compiled") if r.get("contender") == "topk_dead10_compiled"]
     shape = lambda rows: (f"d={rows[0]['d_in']} F={rows[0]['d_sae']} B={rows[0]['batch']}" if rows and
                           "d_in" in rows[0] else "")
     for rows, targets in ((a, {"topk_dead10": 3.0e6, "topk_dead10_compiled": 3.0e6, "relu_fresh": 3.0e6}),
