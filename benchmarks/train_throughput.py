@@ -74,6 +74,7 @@ def _dead_mask(d_sae: int, frac: float, device: torch.device) -> torch.Tensor:
 def _sparsify_b_enc(W_enc: torch.Tensor, b_dec: torch.Tensor, x: torch.Tensor, density: float) -> torch.Tensor:
     """b_enc [d_sae] putting each latent's pre-activation above 0 on `density` of the rows of x (a trained
     ReLU SAE's firing rate); W_enc [d_in, d_sae]."""
+    x = x[: max(1, (1 << 24) // W_enc.shape[1])]  # torch.quantile takes at most 2^24 elements
     pre = (x - b_dec) @ W_enc
     return -pre.float().quantile(1 - density, dim=0).to(W_enc.dtype)
 
