@@ -33,6 +33,9 @@ from sae_toolkit.activations.format import (
     root_attrs,
     stored_dtype,
 )
+from sae_toolkit.activations.format import (
+    to_float32 as _to_float32,  # noqa: F401 (re-exported: the reader imports it from here)
+)
 from sae_toolkit.errors import SAEToolkitError
 
 log = logging.getLogger(__name__)
