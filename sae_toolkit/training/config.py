@@ -57,7 +57,8 @@ class TrainConfig:
     exclude_bos: bool = True
     """Skip BOS positions (their activations are huge outliers that waste latents)."""
     in_memory: bool | Literal["auto"] = "auto"
-    """Load the usable rows into RAM (full shuffle each pass); auto: when they fit in 2 GiB as float32."""
+    """Load the usable rows into RAM (full shuffle each pass); auto: when they take at most half the available RAM
+    in the file's dtype."""
     prefetch: int = 4
     """Batches the store prepares ahead in its background thread."""
 
