@@ -6,7 +6,7 @@
 Measurements: tokenize+pack alone; forward with early stop; forward without it (the speed-up of stopping after
 the deepest hook); HDF5 append alone (the background writer fed synthetic rows); the whole `cache` command.
 The H200 target setting: --model random:smollm2-135m --hookpoint mlp_out.15 --context-size 1024
---batch-size 32 --tokens 20M --dtype float16 (bf16 model on CUDA, fp16 file).
+--tokens 20M --dtype float16 (bf16 model on CUDA, fp16 file; default 32 windows = 32k tokens per forward).
 The corpus is builtin:pydoc repeated until it covers --tokens, written to a temporary .txt file.
 """
 
@@ -63,14 +63,17 @@ def main() -> None:
     p.add_argument("--hookpoint", default="mlp_out.2")
     p.add_argument("--tokens", default="64k")
     p.add_argument("--context-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: the cacher's, "
+                   "32k tokens' worth on a GPU, 32 on CPU)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default="auto")
     p.add_argument("--forward-batches", type=int, default=10, help="batches timed for the forward measurements")
     args = p.parse_args()
     device = resolve_device(args.device)
     tokens = parse_size(args.tokens)
-    ctx, bs = args.context_size, args.batch_size
+    ctx = args.context_size
+    bs = CacheConfig(model=args.model, hookpoints=[args.hookpoint], dataset="-", tokens=1, out="-", context_size=ctx,
+                     batch_size=args.batch_size).windows_per_forward(device)
 
     t = time.perf_counter()
     model, tokenizer = load_model(args.model, device=device, dtype=_model_dtype(args.dtype, device))

@@ -1,139 +1,281 @@
-"""Training throughput (tokens/s) of `sae_toolkit.training.trainer.train_step` per architecture, beside the seed loop.
+"""Training-step throughput (tokens/s): sae-toolkit's `train_step` per arch against the dense encoder matmul floor
+and, when importable, EleutherAI sparsify's TopK step and SAELens' standard (ReLU + L1) step.
 
-One JSON line per measurement. CPU: d_in=576, d_sae=4608, batch 1024. With a GPU also (576, 18432, 4096) and
-(1536, 16384, 4096), bf16 autocast as the trainer uses it. The seed reference is the tutorial's
-LLMSparseAutoencoder + Adam + decoder renormalisation, re-typed here (separate b_pre, dense ReLU, .item() of its
-metrics every step, as its loop does), measured in the same process on the same batches.
+Every contender gets its own model and optimizer and the same batches. Timing runs in interleaved rounds: each
+round runs one step of every contender (order rotated per round), and a contender's figure is the median over
+rounds, so load from other processes on a shared machine hits all contenders alike. One JSON line per contender,
+then one per ratio (only ratios between contenders of the same run mean anything).
 
-    python benchmarks/train_throughput.py            # CPU (+ GPU shapes when CUDA is present)
-    python benchmarks/train_throughput.py --steps 5  # quicker
+    python benchmarks/train_throughput.py                        # CPU, d_in=576, d_sae=4608, batch 1024
+    python benchmarks/train_throughput.py --device cuda --d-sae 18432 --batch 4096
+    python benchmarks/train_throughput.py --quick                # tiny shapes, 3 rounds: checks that it runs
+
+Peers stay out of the project's dependencies; install them in a throwaway venv and run with its python:
+    python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch==2.13.0
+    /tmp/peers/bin/pip install eai-sparsify sae-lens
+    PYTHONPATH=. /tmp/peers/bin/python benchmarks/train_throughput.py
+
+Contenders (k=32, Adam, 10 % of latents marked dead where the arch has AuxK):
+  matmul_floor          one dense encoder matmul x @ W_enc: the floor under any TopK step
+  topk_dead10/_nodead   our TopK step with 10 % / no dead latents (AuxK on / off)
+  sparsify_topk_*       sparsify's SparseCoder forward (fvu + auxk/32) + backward + its decoder upkeep + Adam
+  relu_fresh/_sparse2   our ReLU + L1 step, fresh SAE / b_enc set so latents fire on ~2 % of (token, latent)s
+  saelens_relu_*        SAELens StandardTrainingSAE.training_forward_pass + backward + Adam, same two regimes
+  batchtopk_dead10, jumprelu_fresh, jumprelu_sparse2, gated_fresh
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
-from functools import partial
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from sae_toolkit.sae import ARCHS, SAEConfig, make_sae
+from sae_toolkit.sae import SAEConfig, make_sae
 from sae_toolkit.training.trainer import train_step
 
-CPU_SHAPES = [(576, 4608, 1024)]
-GPU_SHAPES = [(576, 18432, 4096), (1536, 16384, 4096)]
+RATIOS = [  # (numerator, denominator, target) — a target of None is informational
+    ("topk_dead10", "sparsify_topk_dead10", 2.0),
+    ("topk_nodead", "sparsify_topk_nodead", 1.5),
+    ("topk_dead10", "matmul_floor", 0.4),
+    ("topk_dead10_compiled", "topk_dead10", None),
+    ("topk_nodead", "matmul_floor", 0.4),
+    ("relu_fresh", "saelens_relu_fresh", 1.0),
+    ("relu_sparse2", "saelens_relu_sparse2", 1.5),
+    ("batchtopk_dead10", "topk_dead10", 1 / 1.2),
+    ("jumprelu_sparse2", "topk_nodead", 1 / 1.2),
+    ("jumprelu_fresh", "topk_nodead", None),
+    ("gated_fresh", "topk_nodead", None),
+]
 
 
-class SeedLLMSparseAutoencoder(nn.Module):
-    """The seed tutorial's LLMSparseAutoencoder (Towards Monosemanticity style), as the tutorial wrote it."""
-
-    def __init__(self, d_model: int, n_features: int, l1_coeff: float = 1e-3):
-        super().__init__()
-        self.l1_coeff = l1_coeff
-        self.b_pre = nn.Parameter(torch.zeros(d_model))
-        self.W_enc = nn.Parameter(torch.randn(d_model, n_features) / (d_model**0.5))
-        self.b_enc = nn.Parameter(torch.zeros(n_features))
-        self.W_dec = nn.Parameter(torch.randn(n_features, d_model) / (n_features**0.5))
-        self.b_dec = nn.Parameter(torch.zeros(d_model))
-        self._normalize_decoder()
-
-    @torch.no_grad()
-    def _normalize_decoder(self):
-        norms = self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
-        self.W_dec.data = self.W_dec.data / norms
-
-    def forward(self, x):
-        z = torch.relu((x - self.b_pre) @ self.W_enc + self.b_enc)
-        return z @ self.W_dec + self.b_dec, z
-
-    def loss(self, x, x_hat, z):
-        recon = ((x - x_hat) ** 2).mean()
-        sparsity = self.l1_coeff * z.abs().mean()
-        with torch.no_grad():
-            l0 = (z > 0).float().sum(dim=-1).mean()
-            dead_frac = (z.max(dim=0).values == 0).float().mean()
-        return {"loss": recon + sparsity, "recon_loss": recon, "l1_loss": sparsity, "l0_per_token": l0,
-                "dead_feature_frac": dead_frac}
-
-
-def seed_step(sae: SeedLLMSparseAutoencoder, opt: torch.optim.Optimizer, batch: torch.Tensor) -> None:
-    """One iteration of the tutorial's train_llm_sae inner loop."""
-    opt.zero_grad()
-    x_hat, z = sae(batch)
-    metrics = sae.loss(batch, x_hat, z)
-    metrics["loss"].backward()
-    opt.step()
-    with torch.no_grad():
-        sae._normalize_decoder()
-    {k: v.item() for k, v in metrics.items()}
-
-
-def _time(step, batches: list[torch.Tensor], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step, after `warmup` untimed steps."""
-    for i in range(warmup):
-        step(batches[i % len(batches)])
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        torch.cuda.synchronize(device)
 
 
-def bench_shape(d_in: int, d_sae: int, batch: int, device: torch.device, steps: int, warmup: int,
-                archs: list[str]) -> None:
-    torch.manual_seed(0)
-    # Heavy-tailed, non-centred rows, roughly like normalized residual-stream activations.
-    batches = [torch.randn(batch, d_in, device=device) * (1 + torch.rand(batch, 1, device=device)) + 0.3
-               for _ in range(4)]
-    cuda = device.type == "cuda"
-    common = {"d_in": d_in, "d_sae": d_sae, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
-              "steps": steps, "torch": torch.__version__}
-    if cuda:
-        common["gpu"] = torch.cuda.get_device_name(device)
-
-    ref = SeedLLMSparseAutoencoder(d_in, d_sae).to(device)
-    sec = _time(partial(seed_step, ref, torch.optim.Adam(ref.parameters(), lr=5e-4)), batches, steps, warmup, device)
-    _emit({"bench": "train_step", "impl": "seed_reference", "arch": "relu", **common, "ms_per_step": sec * 1e3,
-           "tokens_per_s": batch / sec})
-    del ref
-
-    for arch in archs:
-        sae = make_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=32 if arch in ("topk", "batchtopk") else None),
-                       device=device)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=cuda)
-        dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-        dead[: d_sae // 10] = True  # a realistic share of dead latents, so AuxK does its work
-
-        def step(x, sae=sae, opt=opt, dead=dead):
-            train_step(sae, opt, x, dead_mask=dead, autocast=cuda)
-
-        sec = _time(step, batches, steps, warmup, device)
-        _emit({"bench": "train_step", "impl": "sae_toolkit", "arch": arch, **common, "autocast_bf16": cuda,
-               "ms_per_step": sec * 1e3, "tokens_per_s": batch / sec})
-        del sae, opt
+def _batches(d_in: int, batch: int, device: torch.device, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # heavy-tailed, non-centred rows at mean norm ~sqrt(d_in), like normalized residual-stream activations
+    return [(torch.randn(batch, d_in, generator=g) * (1 + torch.rand(batch, 1, generator=g)) + 0.3).to(device)
+            for _ in range(n)]
 
 
-def _emit(row: dict) -> None:
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+def _dead_mask(d_sae: int, frac: float, device: torch.device) -> torch.Tensor:
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    dead[: int(d_sae * frac)] = True
+    return dead
 
 
-def main() -> None:
+@torch.no_grad()
+def _sparsify_b_enc(W_enc: torch.Tensor, b_dec: torch.Tensor, x: torch.Tensor, density: float) -> torch.Tensor:
+    """b_enc [d_sae] putting each latent's pre-activation above 0 on `density` of the rows of x (a trained
+    ReLU SAE's firing rate); W_enc [d_in, d_sae]."""
+    x = x[: max(1, (1 << 24) // W_enc.shape[1])]  # torch.quantile takes at most 2^24 elements
+    pre = (x - b_dec) @ W_enc
+    return -pre.float().quantile(1 - density, dim=0).to(W_enc.dtype)
+
+
+def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Tensor, autocast: bool,
+                       names: set[str], backend: str = "inductor") -> dict[str, Callable[[torch.Tensor], None]]:
+    out: dict[str, Callable[[torch.Tensor], None]] = {}
+
+    def add(name: str, arch: str, dead_frac: float = 0.0, density: float | None = None,
+            compiled: bool = False) -> None:
+        if name not in names:
+            return
+        torch.manual_seed(0)
+        sae = make_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=32 if "topk" in arch else None),
+                       device=device).train()
+        if density is not None:
+            with torch.no_grad():
+                b = _sparsify_b_enc(sae.W_enc, sae.b_dec, x0, density)
+                if arch == "jumprelu":  # θ at the (1 − density) quantile instead of a negative bias
+                    sae.log_threshold.copy_((-b).clamp_min(1e-3).log())
+                else:
+                    sae.b_enc.copy_(b)
+        # the optimizer the trainer builds (fused Adam on CPU and CUDA)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
+        dead = _dead_mask(d_sae, dead_frac, device)
+        # `train --compile`: the loss + backward as one graph (compiled during the warm-up steps)
+        loss_fn = (torch.compile(sae.training_loss, fullgraph=True, dynamic=False, backend=backend)
+                   if compiled else None)
+
+        def step(x: torch.Tensor) -> None:
+            train_step(sae, opt, x, dead_mask=dead, autocast=autocast, loss_fn=loss_fn)
+
+        out[name] = step
+
+    add("topk_dead10", "topk", 0.1)
+    add("topk_nodead", "topk", 0.0)
+    add("topk_dead10_compiled", "topk", 0.1, compiled=True)
+    add("batchtopk_dead10", "batchtopk", 0.1)
+    add("relu_fresh", "relu")
+    add("relu_sparse2", "relu", density=0.02)
+    add("jumprelu_fresh", "jumprelu")
+    add("jumprelu_sparse2", "jumprelu", density=0.02)
+    add("gated_fresh", "gated")
+    return out
+
+
+def floor_contender(d_in: int, d_sae: int, device: torch.device, autocast: bool) -> Callable[[torch.Tensor], None]:
+    W_enc = torch.randn(d_in, d_sae, device=device)
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            x @ W_enc
+
+    return step
+
+
+def sparsify_contenders(d_in: int, d_sae: int, device: torch.device,
+                        names: set[str]) -> dict[str, Callable[[torch.Tensor], None]]:
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return {}
+    out: dict[str, Callable[[torch.Tensor], None]] = {}
+    for name, frac in (("sparsify_topk_dead10", 0.1), ("sparsify_topk_nodead", 0.0)):
+        if name not in names:
+            continue
+        torch.manual_seed(0)
+        sae = SparseCoder(d_in, SparseCoderConfig(k=32, num_latents=d_sae), device=device)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-5)  # what sparsify's trainer builds for optimizer="adam"
+        dead = _dead_mask(d_sae, frac, device)
+
+        def step(x: torch.Tensor, sae=sae, opt=opt, dead=dead) -> None:
+            # sparsify.Trainer's inner step for loss_fn="fvu", auxk_alpha=1/32, one micro-batch
+            o = sae(x, dead_mask=dead)
+            (o.fvu + o.auxk_loss / 32 + o.multi_topk_fvu / 8).backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            sae.set_decoder_norm_to_unit_norm()
+            # its trainer also marks fired latents every step
+            fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+            fired[o.latent_indices.flatten()] = True
+
+        out[name] = step
+    return out
+
+
+def saelens_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Tensor, autocast: bool,
+                       names: set[str]) -> dict[str, Callable[[torch.Tensor], None]]:
+    try:
+        from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return {}
+    out: dict[str, Callable[[torch.Tensor], None]] = {}
+    for name, density in (("saelens_relu_fresh", None), ("saelens_relu_sparse2", 0.02)):
+        if name not in names:
+            continue
+        torch.manual_seed(0)
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, device=str(device),
+                                                            l1_coefficient=5.0))
+        if density is not None:
+            with torch.no_grad():
+                sae.b_enc.copy_(_sparsify_b_enc(sae.W_enc, sae.b_dec, x0, density))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-5)  # SAELens' SAETrainer: plain torch Adam
+
+        def step(x: torch.Tensor, sae=sae, opt=opt) -> None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                o = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 5.0},
+                                                             dead_neuron_mask=None, n_training_steps=0,
+                                                             is_logging_step=False))
+            o.loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        out[name] = step
+    return out
+
+
+def run(contenders: dict[str, Callable[[torch.Tensor], None]], batches: list[torch.Tensor], rounds: int,
+        warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each contender, one step of each per round (rotating order)."""
+    names = list(contenders)
+    for name in names:
+        for i in range(warmup):
+            contenders[name](batches[i % len(batches)])
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        x = batches[r % len(batches)]
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            _sync(device)
+            t0 = time.perf_counter()
+            contenders[name](x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def emit(row: dict) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--cpu-only", action="store_true", help="skip the GPU shapes even when CUDA is present")
-    args = p.parse_args()
-    for shape in CPU_SHAPES:
-        bench_shape(*shape, torch.device("cpu"), args.steps, args.warmup, args.archs)
-    if torch.cuda.is_available() and not args.cpu_only:
-        for shape in GPU_SHAPES:
-            bench_shape(*shape, torch.device("cuda"), args.steps, args.warmup, args.archs)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=4608)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", nargs="+", default=None, help="contender names to run (default: all)")
+    p.add_argument("--no-autocast", action="store_true", help="on CUDA: fp32 matmuls instead of bf16 autocast")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: only checks that it runs")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="add topk_dead10_compiled (torch.compile'd loss)")
+    p.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick check on CPU")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.d_in, args.d_sae, args.batch, args.rounds, args.warmup = 32, 256, 128, 3, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    autocast = device.type == "cuda" and not args.no_autocast
+    all_names = {"matmul_floor", "topk_dead10", "topk_nodead", "batchtopk_dead10", "relu_fresh", "relu_sparse2",
+                 "jumprelu_fresh", "jumprelu_sparse2", "gated_fresh", "sparsify_topk_dead10",
+                 "sparsify_topk_nodead", "saelens_relu_fresh", "saelens_relu_sparse2"}
+    names = set(args.only) if args.only else set(all_names)
+    if args.compile:
+        names.add("topk_dead10_compiled")
+    batches = _batches(args.d_in, args.batch, device)
+    contenders: dict[str, Callable[[torch.Tensor], None]] = {}
+    if "matmul_floor" in names:
+        contenders["matmul_floor"] = floor_contender(args.d_in, args.d_sae, device, autocast)
+    contenders.update(toolkit_contenders(args.d_in, args.d_sae, device, batches[0], autocast, names,
+                                         args.compile_backend))
+    contenders.update(sparsify_contenders(args.d_in, args.d_sae, device, names))
+    contenders.update(saelens_contenders(args.d_in, args.d_sae, device, batches[0], autocast, names))
+    times = run(contenders, batches, args.rounds, args.warmup, device)
+    common = {"device": str(device), "d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch, "k": 32,
+              "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "autocast_bf16": autocast}
+    if device.type == "cuda":
+        common["gpu"] = torch.cuda.get_device_name(device)
+    rate = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rate[name] = args.batch / med
+        emit({"bench": "train_step", "contender": name, **common, "ms_median": med * 1e3,
+              "ms_min": min(ts) * 1e3, "tokens_per_s": rate[name]})
+    for num, den, target in RATIOS:
+        if num in rate and den in rate:
+            row = {"bench": "train_step_ratio", "ratio": f"{num}/{den}", "value": rate[num] / rate[den]}
+            if target is not None:
+                row.update(target=round(target, 3), met=rate[num] / rate[den] >= target)
+            emit(row)
+    missing = sorted(n for n in ("sparsify_topk_dead10", "saelens_relu_fresh") if n in names and n not in rate)
+    if missing:
+        emit({"bench": "train_step_note", "note": f"peers not importable, skipped: {missing}"})
+    return rate
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         out=args.out,
         resume=args.resume,
         seq_range=args.seqs,
+        compile=args.compile,
     )
     if _train_many(args, cfg):
         return
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-column", default=None, help="column holding the text (default: guessed)")
     c.add_argument("--tokens", required=True, type=_size, help="tokens to cache, e.g. 20k, 1M")
     c.add_argument("--context-size", type=int, default=128)
-    c.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: 32k tokens' worth on a GPU, 32 on CPU)")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     c.add_argument("--device", default="auto")
     c.add_argument("--out", required=True, help="output .h5 file")
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--seqs", type=_seq_range, default=None, help="train on sequences START:STOP only")
     t.add_argument("--force", action="store_true", help="start over: delete the earlier run's own files in --out")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss + backward as one graph (slow first step; for GPU runs)")
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")

@@ -69,9 +69,10 @@ def _cache_locked(cfg: CacheConfig, out: Path) -> Path:
     windows = token_windows(documents, tokenizer, cfg.context_size)
     if cfg.first_window:  # a rank's shard: tokenized and dropped, never run through the model
         windows = _drop_windows(windows, cfg.first_window)
-    batches = window_batches(windows, cfg.batch_size)
+    per_forward = cfg.windows_per_forward(device)
+    batches = window_batches(windows, per_forward)
     if done:  # regenerate and skip what is stored; the last stored window proves the corpus is unchanged
-        batches = _skip_stored(batches, out, done, cfg.batch_size)
+        batches = _skip_stored(batches, out, done, per_forward)
     batches = _prefetch(batches)
     # The first batch before any file is made: an empty corpus or a bad first record is an error, not a
     # 0-sequence file that calls itself complete.
@@ -246,20 +247,29 @@ def _forward(
 
     ids = torch.from_numpy(batch).to(device=device, dtype=torch.long, non_blocking=True)
     acts = run_capture(model, hookpoints, ids)
-    # One device sync for all checks: the largest |x| per hookpoint (NaN propagates through amax).
-    peaks = torch.stack([acts[hp.name].abs().amax().float() for hp in hookpoints]).tolist()
+    peaks = torch.stack([acts[hp.name].abs().amax().float() for hp in hookpoints])  # NaN propagates through amax
+    # Device → host copies queued without waiting (into pinned memory on CUDA, so they are DMA transfers), then
+    # one sync for everything: the peaks, which the stream delivers after the copies.
+    host = {hp.name: _to_host(acts[hp.name].reshape(-1, acts[hp.name].shape[-1]), cfg.dtype) for hp in hookpoints}
     limit = FLOAT16_MAX if cfg.dtype == "float16" else math.inf
-    for hp, peak in zip(hookpoints, peaks):
+    for hp, peak in zip(hookpoints, peaks.tolist()):
         if not peak < limit:
             _raise_bad_values(hp.name, peak, cfg.dtype, seq, len(batch), out)
-    arrays = {}
-    for hp in hookpoints:
-        x = acts[hp.name].reshape(-1, acts[hp.name].shape[-1])  # [batch * seq, d]
-        if cfg.dtype == "bfloat16":  # numpy has no bfloat16: store the bits
-            arrays[hp.name] = x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-        else:
-            arrays[hp.name] = x.to(getattr(torch, cfg.dtype)).cpu().numpy()
-    return arrays
+    # numpy has no bfloat16: its bits are stored as uint16
+    return {name: x.view(torch.int16).numpy().view(np.uint16) if cfg.dtype == "bfloat16" else x.numpy()
+            for name, x in host.items()}
+
+
+def _to_host(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """[n, d] device activations → a host tensor in the storage dtype; on CUDA the copy is queued (non_blocking)
+    into fresh pinned memory and is complete after the caller's next sync. Elsewhere an ordinary copy."""
+    import torch
+
+    x = x.to(getattr(torch, dtype))
+    if x.device.type != "cuda":
+        return x.cpu()
+    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # the caching host allocator reuses these
+    return buf.copy_(x, non_blocking=True)
 
 
 def _raise_bad_values(name: str, peak: float, dtype: str, seq: int, n: int, out: Path) -> None:

@@ -12,6 +12,9 @@ from sae_toolkit.units import parse_size
 DTYPES = ("float16", "bfloat16", "float32")
 FLOAT16_MAX = 65504.0
 # Settings that decide the file's content: a resume must use the same ones.
+GPU_TOKENS_PER_FORWARD = 32768
+"""Tokens per forward pass on an accelerator when batch_size is None."""
+
 IDENTITY_FIELDS = ("model", "dataset", "split", "text_column", "context_size", "hookpoints", "dtype")
 
 
@@ -35,8 +38,9 @@ class CacheConfig:
     """Column holding the text; None guesses (`text`, `content`, ...)."""
     context_size: int = 128
     """Tokens per window, BOS included."""
-    batch_size: int = 32
-    """Windows per forward pass."""
+    batch_size: int | None = None
+    """Windows per forward pass. None: enough for 32k tokens per forward on a GPU (a small batch leaves it
+    launch-bound), 32 windows on CPU."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Storage dtype of the activations (bfloat16 is stored as uint16 bits with attr dtype='bfloat16')."""
     device: str = "auto"
@@ -60,12 +64,18 @@ class CacheConfig:
         self.tokens = parse_size(self.tokens)
         if not isinstance(self.context_size, int) or self.context_size < 2:
             raise SAEToolkitError(f"context_size={self.context_size!r} must be an integer >= 2")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise SAEToolkitError(f"batch_size={self.batch_size!r} must be a positive integer")
         if not isinstance(self.first_window, int) or self.first_window < 0:
             raise SAEToolkitError(f"first_window={self.first_window!r} must be a non-negative integer")
         if self.dtype not in DTYPES:
             raise SAEToolkitError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    def windows_per_forward(self, device: str) -> int:
+        """`batch_size`, or its default for `device` (cpu, cuda, cuda:N, mps)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 32 if device == "cpu" else max(1, math.ceil(GPU_TOKENS_PER_FORWARD / self.context_size))
 
     @property
     def n_seqs_target(self) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -32,19 +33,49 @@ from sae_toolkit.activations.format import (
     root_attrs,
     stored_dtype,
 )
-from sae_toolkit.activations.format import to_float32 as _to_float32
+from sae_toolkit.activations.format import (
+    to_float32 as _to_float32,  # noqa: F401 (re-exported: the reader imports it from here)
+)
 from sae_toolkit.errors import SAEToolkitError
 
 log = logging.getLogger(__name__)
 
 _BLOCK_BYTES = 4 << 20
 """Target stored bytes per block: a few MiB makes one contiguous HDF5 read cheap relative to its fixed cost."""
-_AUTO_IN_MEMORY_BYTES = 2 << 30
-"""`in_memory="auto"` loads the usable rows when they take at most this many bytes as float32."""
+_AUTO_IN_MEMORY_FRACTION = 0.5
+"""`in_memory="auto"` loads the usable rows (in the file's dtype) when they take at most this share of the RAM
+available when the store opens."""
+_AUTO_IN_MEMORY_FALLBACK_BYTES = 2 << 30
+"""The budget when the available RAM cannot be read (not Linux)."""
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available to new allocations (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _torch_rows(rows: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows as a tensor without a copy: float16/float32 as they are, bfloat16's uint16 bits viewed."""
+    t = torch.from_numpy(rows)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 class ActivationStore:
     """Endless shuffled batches `[batch, d_in]` float32 from `acts/<hookpoint>` of an activation file.
+
+    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy, and are
+    converted and scaled on the device. With CUDA, each batch is gathered straight into one of a ring of pinned
+    host buffers and copied on a side stream, so the copy overlaps the training step.
 
     How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
     of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
@@ -86,7 +117,8 @@ class ActivationStore:
         seed: fixes the stream. seq_range: `(start, stop)` sequences to use (default all), e.g. to hold out
         the last ones for evaluation. exclude_bos: drop positions holding `bos_token_id`.
         normalize: scale rows to mean norm sqrt(d_in) (see `scale`). in_memory: load the usable rows into RAM
-        (True), stream (False), or load when they fit in 2 GiB as float32 ("auto").
+        (True), stream (False), or load when they take at most half the available RAM in the file's dtype
+        ("auto").
         buffer_blocks: blocks shuffled together. block_rows: rows per block (default: whole chunks, ~4 MiB).
         prefetch: batches prepared ahead by the background thread. norm_sample: rows used to estimate `scale`.
         """
@@ -113,9 +145,11 @@ class ActivationStore:
     def _prepare(self, in_memory: bool | Literal["auto"], buffer_blocks: int, normalize: bool,
                  norm_sample: int) -> None:
         """Choose streaming or in-memory, size the shuffle buffer, estimate the normalization scale."""
-        n_usable_bytes = self.n_rows * self.d_in * 4
+        n_usable_bytes = self.n_rows * self.d_in * self._dset.dtype.itemsize
         if in_memory == "auto":
-            in_memory = n_usable_bytes <= _AUTO_IN_MEMORY_BYTES
+            ram = available_ram()
+            budget = _AUTO_IN_MEMORY_FALLBACK_BYTES if ram is None else int(_AUTO_IN_MEMORY_FRACTION * ram)
+            in_memory = n_usable_bytes <= budget
         self.in_memory = bool(in_memory)
         self.buffer_blocks = len(self._blocks) if self.in_memory else max(1, int(buffer_blocks))
         # A buffer should hold several batches, or consecutive batches would come from the same few blocks.
@@ -189,16 +223,27 @@ class ActivationStore:
         return [b for b, c in zip(blocks, counts) if c > 0], counts[counts > 0]
 
     def _read_rows(self, lo: int, hi: int) -> np.ndarray:
-        """Usable rows of `[lo, hi)` read from the file as float32 `[n, d_in]`; raises on non-finite values."""
-        rows = _to_float32(self._dset[lo:hi], self.dtype)
-        finite = np.isfinite(rows).all(axis=1)
+        """Usable rows of `[lo, hi)` in the stored dtype `[n, d_in]` (bfloat16: uint16 bits); raises on
+        non-finite values."""
+        rows = self._dset[lo:hi]
+        self._check_finite(rows, lo)
+        keep = self._keep[lo - self._row_start:hi - self._row_start]
+        return rows if keep.all() else rows[keep]  # no copy when nothing is excluded
+
+    def _check_finite(self, rows: np.ndarray, lo: int) -> None:
+        """Raise naming the first row (file row `lo` + i) of `rows` with a non-finite value."""
+        if rows.itemsize == 2:  # float16 / bfloat16 bits: inf or nan have every exponent bit set
+            # integer ops on the bits: numpy's float16 arithmetic is emulated and ~20x slower
+            exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
+            finite = ~((rows.view(np.uint16) & exponent) == exponent).any(axis=1)
+        else:
+            finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
             bad = lo + int(np.argmin(finite))
             seq, pos = divmod(bad, self.context_size)
             raise SAEToolkitError(f"acts/{self.hookpoint} in {self.path} has a non-finite value in row {bad} "
                                   f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
                                   "--dtype bfloat16 or float32)")
-        return rows[self._keep[lo - self._row_start:hi - self._row_start]]
 
     # ---- the stream ----
 
@@ -208,7 +253,7 @@ class ActivationStore:
         order = rng.permutation(len(self._blocks))
         return [order[i:i + self.buffer_blocks] for i in range(0, len(order), self.buffer_blocks)]
 
-    def _group(self, epoch: int, g: int, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _group(self, epoch: int, g: int, group: np.ndarray, buffer: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One shuffle group as `(source [m, d_in], index [n])`: its rows in stream order are `source[index]`.
 
         Streaming reads the group's blocks; in memory, the source is the loaded array and only indices move,
@@ -219,55 +264,83 @@ class ActivationStore:
             index = np.concatenate([np.arange(self._block_first[b], self._block_first[b] + self._block_counts[b])
                                     for b in group])
         else:
-            source = np.concatenate([self._read_rows(*self._blocks[b]) for b in group])
-            index = np.arange(len(source))
+            source, index = self._read_group(group, buffer)
         perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(index))
         return source, index[perm]
+
+    def _read_group(self, group: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read the group's blocks straight into reusable buffer `buffer` (h5py read_direct: no intermediate array,
+        no fresh pages to fault in) → (buffer, positions of the usable rows in it, in block order). BOS rows stay
+        in the buffer and are skipped by the index instead of being copied out."""
+        if self._buffers[buffer] is None:
+            self._buffers[buffer] = np.empty((self.buffer_blocks * self._block_rows, self.d_in), self._dset.dtype)
+        buf, at, positions = self._buffers[buffer], 0, []
+        for b in group:
+            lo, hi = self._blocks[b]
+            dst = buf[at:at + hi - lo]
+            self._dset.read_direct(dst, np.s_[lo:hi])
+            self._check_finite(dst, lo)
+            positions.append(at + np.flatnonzero(self._keep[lo - self._row_start:hi - self._row_start]))
+            at += hi - lo
+        return buf, np.concatenate(positions)
 
     def _row_stream(self, rows_done: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive `(source, index)` pieces of the stream, starting `rows_done` rows in."""
         epoch, offset = divmod(rows_done, self.n_rows)
+        # Streaming groups rotate through 3 reusable buffers: a batch takes rows from at most 3 consecutive groups
+        # (the tail of one, a short last group of the epoch, the head of the next epoch's first), and each piece
+        # is copied out before the group 3 places later is read.
+        self._buffers: list[np.ndarray | None] = [None, None, None]
+        n_read = 0
         while True:
             for g, group in enumerate(self._epoch_groups(epoch)):
                 n = int(self._block_counts[group].sum())
                 if offset >= n:
                     offset -= n  # skipped without reading: resuming only costs the reads it needs
                     continue
-                source, index = self._group(epoch, g, group)
+                source, index = self._group(epoch, g, group, n_read % 3)
+                n_read += 1
                 yield source, index[offset:]
                 offset = 0
             epoch += 1
 
-    def _batches(self, rows_done: int) -> Iterator[np.ndarray]:
-        """Batches `[batch, d_in]` float32 of the stream, starting `rows_done` rows in."""
-        pending: list[np.ndarray] = []  # the tail of the previous piece, shorter than a batch
+    def _batches(self, rows_done: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """Batches of the stream as `(source, index)` pieces (rows `source[index]`, 1-2 per batch), starting
+        `rows_done` rows in; `_gather` copies them once, straight into the batch buffer."""
+        pending: list[tuple[np.ndarray, np.ndarray]] = []  # the tail of the previous piece, shorter than a batch
         n_pending = 0
         for source, index in self._row_stream(rows_done):
             i = 0
             if n_pending:
                 take = min(self.batch_size - n_pending, len(index))
-                pending.append(source[index[:take]])
+                pending.append((source, index[:take]))
                 n_pending += take
                 i = take
                 if n_pending < self.batch_size:
                     continue
-                yield np.concatenate(pending)
+                yield pending
                 pending, n_pending = [], 0
             n_full = (len(index) - i) // self.batch_size
             for j in range(n_full):
-                yield source[index[i + j * self.batch_size:i + (j + 1) * self.batch_size]]
+                yield [(source, index[i + j * self.batch_size:i + (j + 1) * self.batch_size])]
             i += n_full * self.batch_size
             if i < len(index):
-                pending, n_pending = [source[index[i:]]], len(index) - i
+                pending, n_pending = [(source, index[i:])], len(index) - i
 
-    def _to_device(self, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        if self.scale != 1.0:
-            x = x * self.scale
-        if self.device.type == "cuda":
-            # Pinned host memory makes the copy asynchronous, so it overlaps with the previous step's kernels.
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+    def _gather(self, pieces: list[tuple[np.ndarray, np.ndarray]], out: torch.Tensor) -> torch.Tensor:
+        """Copy a batch's rows into `out` [batch, d_in] (stored dtype; pinned for CUDA): the only host copy."""
+        at = 0
+        for source, index in pieces:
+            src = _torch_rows(source, self.dtype)
+            torch.index_select(src, 0, torch.from_numpy(index.astype(np.int64, copy=False)),
+                               out=out[at:at + len(index)])
+            at += len(index)
+        return out
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored-dtype batch on the device → float32, scaled (on the device: GPU threads, not one host core)."""
+        x = x.to(torch.float32)
+        return x.mul_(self.scale) if self.scale != 1.0 else x
 
     def _produce(self, rows_done: int, out: queue.Queue, stop: threading.Event) -> None:
         """Prefetch thread: fill `out` with device batches (or the exception that ended the stream) until `stop`."""
@@ -282,11 +355,35 @@ class ActivationStore:
             return False
 
         try:
-            for rows in self._batches(rows_done):
-                if not put(self._to_device(rows)):
+            if self.device.type == "cuda":
+                self._produce_cuda(rows_done, put)
+                return
+            for pieces in self._batches(rows_done):
+                raw = self._gather(pieces, self._host_buffer())
+                if not put((self._finish(raw).to(self.device), None)):
                     return
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
             put(e)
+
+    def _host_buffer(self, pin: bool = False) -> torch.Tensor:
+        """An empty [batch, d_in] host tensor in the stored dtype."""
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else getattr(torch, self._dset.dtype.name)
+        return torch.empty(self.batch_size, self.d_in, dtype=dtype, pin_memory=pin)
+
+    def _produce_cuda(self, rows_done: int, put: Callable[[object], bool]) -> None:
+        """Gather into a ring of pinned buffers, copy and convert on a side stream; each batch travels with the
+        event the consumer's stream waits on. A buffer is refilled only after its previous copy has finished."""
+        stream = torch.cuda.Stream(self.device)
+        ring = [(self._host_buffer(pin=True), torch.cuda.Event()) for _ in range(self.prefetch + 2)]
+        for i, pieces in enumerate(self._batches(rows_done)):
+            buf, copied = ring[i % len(ring)]
+            copied.synchronize()  # the copy out of this buffer (prefetch + 2 batches ago) is done
+            self._gather(pieces, buf)
+            with torch.cuda.stream(stream):
+                x = self._finish(buf.to(self.device, non_blocking=True))
+                copied.record(stream)
+            if not put((x, copied)):
+                return
 
     # ---- public API ----
 
@@ -302,6 +399,11 @@ class ActivationStore:
         if isinstance(item, BaseException):
             self._stop_prefetch()
             raise item
+        item, ready = item
+        if ready is not None:  # CUDA: order the side stream's copy before the consumer's kernels
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            item.record_stream(current)  # its memory came from the side stream's pool
         epoch = self.rows_done // self.n_rows
         self.rows_done += self.batch_size
         if (self.rows_done - 1) // self.n_rows > epoch:
@@ -340,7 +442,7 @@ class ActivationStore:
             chosen = np.sort(order[: int(np.searchsorted(np.cumsum(counts[order]), need)) + 1])
             rows = np.concatenate([self._read_rows(*windows[w]) for w in chosen])
         rows = rows[rng.permutation(len(rows))[:need]]
-        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        x = _torch_rows(np.ascontiguousarray(rows), self.dtype).to(torch.float32)
         return x * self.scale if normalized else x
 
     def state_dict(self) -> dict:

@@ -107,7 +107,9 @@ class SAE(nn.Module, ABC):
         """[..., d_sae] → [..., d_in] reconstruction W_decᵀ f + b_dec."""
         if f.shape[-1] != self.cfg.d_sae:
             raise SAEToolkitError(f"decode got latents of width {f.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        if not torch.is_autocast_enabled(f.device.type):  # under autocast the matmul picks the dtype; a cast
+            f = f.to(self.W_dec.dtype)  # here would write a float32 [..., d_sae] copy only to cast it back
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
         """[..., d_in] → SAEOutput(x_hat [..., d_in], feature_acts [..., d_sae]); equals decode(encode(x))."""
@@ -156,14 +158,19 @@ class SAE(nn.Module, ABC):
         dt = torch.promote_types(self.W_dec.dtype, torch.float32)  # bf16 rows: project in float32
         W = self.W_dec.detach().to(dt)
         g = self.W_dec.grad.to(dt)
-        coef = (g * W).sum(-1, keepdim=True) / W.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)  # [d_sae, 1]
-        self.W_dec.grad.copy_(g - coef * W)
+        # vecdot / vector_norm: no [d_sae, d_in] temporaries (this runs every step)
+        coef = torch.linalg.vecdot(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-12)  # [d_sae]
+        if g.data_ptr() == self.W_dec.grad.data_ptr():
+            self.W_dec.grad.sub_(coef[:, None] * W)
+        else:
+            self.W_dec.grad.copy_(g - coef[:, None] * W)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row W_dec[i] to unit norm."""
-        W = self.W_dec.to(torch.promote_types(self.W_dec.dtype, torch.float32))
-        self.W_dec.copy_(W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        dt = torch.promote_types(self.W_dec.dtype, torch.float32)  # bf16 rows: norms in float32
+        norm = torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True, dtype=dt)
+        self.W_dec.div_(norm.clamp_min(1e-12).to(self.W_dec.dtype))
 
     # ---- initialisation and normalisation --------------------------------------------------------------------
 

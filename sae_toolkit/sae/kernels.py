@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +46,24 @@ class SparseActs(NamedTuple):
         return out.index_put((self.rows, self.cols), self.vals, accumulate=True)
 
 
+def host_syncs_ok(t: Tensor) -> bool:
+    """Whether a loss may read tensor values on the host (data-dependent shapes, early exits, density checks).
+
+    Only in eager CPU code, where a "sync" costs nothing; on a GPU it would stall the launch queue and under
+    torch.compile it would break the graph. Tests monkeypatch this to run the static (GPU) paths on CPU.
+    """
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def positive_code(pre: Tensor, mask: Tensor | None = None) -> SparseActs:
+    """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync.
+    mask: `pre > 0` when the caller already has it."""
+    d_sae = pre.shape[1]
+    flat = (pre > 0 if mask is None else mask).view(-1).nonzero().squeeze(1)  # row-major: sorted by row
+    # 1-d index_select on the flat view: several times faster on CPU than 2-d advanced indexing
+    return SparseActs(pre.reshape(-1).index_select(0, flat), flat // d_sae, flat % d_sae, pre.shape[0])
+
+
 def topk_code(pre: Tensor, k: int) -> SparseActs:
     """[batch, d_sae] pre-activations → the k largest per row (values unchanged, sorted descending per row)."""
     vals, idx = pre.topk(k, dim=-1, sorted=True)  # [batch, k]
@@ -57,7 +76,7 @@ def batch_topk_code(pre: Tensor, k: int) -> SparseActs:
     n, d_sae = pre.shape
     flat = pre.reshape(-1)
     _, idx = flat.topk(min(k * n, flat.numel()), sorted=False)
-    idx, _ = idx.sort()  # row-major order = sorted by row
+    idx = _sorted(idx)  # row-major order = sorted by row
     return SparseActs(flat[idx], idx // d_sae, idx % d_sae, n)
 
 
@@ -73,31 +92,89 @@ def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Te
 
 def _transpose_bags(rows: Tensor, cols: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """Re-sort COO entries by column: (order, rows in that order, offsets of each column's bag)."""
-    order = cols.argsort(stable=True)  # stable sort of ints takes the radix-sort path on CPU
+    order = _argsort_stable(cols, n_cols)
     return order, rows[order], _offsets(cols[order], n_cols)
 
 
+def _eager_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _argsort_stable(keys: Tensor, n_keys: int) -> Tensor:
+    """Stable argsort of int64 keys in [0, n_keys).
+
+    Eager CPU: numpy, single-threaded — a radix sort for 16-bit keys. torch's parallel CPU sort of the 32k keys of
+    a TopK step took 270-550 ms on a busy 2-core machine (13 ms on one thread) against 0.13 ms here.
+    """
+    if _eager_cpu(keys):
+        a = keys.numpy()
+        return torch.from_numpy(np.argsort(a.astype(np.uint16) if n_keys <= 1 << 16 else a, kind="stable"))
+    return keys.argsort(stable=True)
+
+
+def _sorted(keys: Tensor) -> Tensor:
+    """int64 keys sorted ascending (single-threaded numpy on eager CPU, see `_argsort_stable`)."""
+    if _eager_cpu(keys):
+        return torch.from_numpy(np.sort(keys.numpy()))
+    return keys.sort().values
+
+
+class Transposed(NamedTuple):
+    """A SparseActs' entries grouped by column (latent): what ∂W_enc, ∂b_enc and ∂W_dec sum over."""
+
+    order: Tensor
+    """[nnz] int64 permutation that sorts the entries by column (stable: rows stay ascending within a column)."""
+
+    rows: Tensor
+    """[nnz] int64 rows in that order."""
+
+    offsets: Tensor
+    """[n_cols] int64 start of each column's entries in that order."""
+
+
+def transposed(code: SparseActs, n_cols: int) -> Transposed:
+    """The column-sorted view of `code` that both sparse backwards need; compute it once per code and pass it to
+    `sparse_pre_acts` and `sparse_decode` (one sort per step instead of two)."""
+    return Transposed(*_transpose_bags(code.rows, code.cols, n_cols))
+
+
+def _dense_gather_dot(t: Tensor) -> bool:
+    """Whether `_gather_dot` forms g Wᵀ densely and picks the entries (CPU) or gathers W rows in chunks (GPU).
+
+    On CPU one GEMM at full speed beats nnz scattered row gathers (25 ms vs 3.0 s for a TopK step with AuxK,
+    k_aux 288, d_in 576, d_sae 4608, batch 1024); on a GPU the gather is memory-bound and cheap. Tests monkeypatch
+    this to run the GPU branch on CPU.
+    """
+    return t.device.type == "cpu"
+
+
+_DENSE_BLOCK = 1 << 24
+"""Most elements of one g Wᵀ block in `_gather_dot_dense` (64 MiB in fp32)."""
+
+
 def _chunk_elements(device: torch.device) -> int:
-    # CPU: gather blocks that stay in cache (13 ms vs 66 ms unchunked for 1024×32 entries, d_in 256, one core);
-    # GPU: big blocks, each chunk costs kernel launches.
-    return 1 << 16 if device.type == "cpu" else 1 << 26
+    # CPU: gather blocks that stay in cache; GPU: big blocks (each chunk costs kernel launches) but bounded
+    # memory: 2^24 fp32 elements = 64 MiB of gathered rows at a time.
+    return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
 def _gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int | None) -> Tensor:
-    """out[n] = g[rows[n]] · W[cols[n]] → [nnz], gathered in bounded chunks (no [nnz, d_in] intermediate)."""
+    """out[n] = g[rows[n]] · W[cols[n]] → [nnz], without a [nnz, d_in] intermediate.
+
+    Static shapes and no host syncs on every branch (chunk bounds are Python ints), so it traces under
+    torch.compile(fullgraph=True).
+    """
     n, d = g.shape[0], g.shape[1]
     dtype = torch.promote_types(g.dtype, W.dtype)
-    if g.device.type == "cpu":
-        # On CPU one dense GEMM (g Wᵀ, the cost of the encoder forward) and a gather beat thousands of small
-        # gathers + bmms: 25 ms vs 3.0 s for a TopK step with AuxK (k_aux 288), d_in 576, d_sae 4608, batch 1024.
-        return _gather_dot_dense(g.to(dtype), W.to(dtype), rows, cols)
+    if _dense_gather_dot(g):
+        return _gather_dot_dense(g.to(dtype), W.to(dtype), rows, cols, k)
     out = torch.empty(cols.shape[0], device=g.device, dtype=dtype)
     if k is not None:  # k entries per row: gather W rows only, batch the dot products per token
         step = max(1, _chunk_elements(g.device) // (k * d))
         for s in range(0, n, step):
             e = min(n, s + step)
-            Wg = W[cols[s * k : e * k]].view(e - s, k, d).to(dtype)  # [chunk, k, d_in]
-            out[s * k : e * k] = torch.bmm(Wg, g[s:e, :, None].to(dtype)).view(-1)
+            Wg = W[cols[s * k : e * k]].view(e - s, k, d)  # [chunk, k, d_in] in W's dtype (bf16 stays bf16)
+            out[s * k : e * k] = torch.bmm(Wg.to(dtype), g[s:e, :, None].to(dtype)).view(-1)
         return out
     step = max(1, _chunk_elements(g.device) // d)
     for s in range(0, cols.shape[0], step):
@@ -105,51 +182,57 @@ def _gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int | None)
     return out
 
 
-def _gather_dot_dense(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """out[n] = (g Wᵀ)[rows[n], cols[n]] → [nnz]; g Wᵀ formed in row blocks of at most 2^24 elements."""
+def _gather_dot_dense(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor, k: int | None) -> Tensor:
+    """out[n] = (g Wᵀ)[rows[n], cols[n]] → [nnz]; g Wᵀ formed in row blocks of `_DENSE_BLOCK` elements."""
     n_rows, n_cols = g.shape[0], W.shape[0]
-    step = max(1, (1 << 24) // n_cols)
+    step = max(1, _DENSE_BLOCK // n_cols)
+    if k is not None:  # entries of row r are [r·k, (r+1)·k): a row-wise gather, static block bounds
+        return torch.cat([(g[s : s + step] @ W.t()).gather(1, cols[s * k : (s + step) * k].view(-1, k)).view(-1)
+                          for s in range(0, n_rows, step)])
     if n_rows <= step:
-        return (g @ W.t())[rows, cols]
-    out = torch.empty(cols.shape[0], device=g.device, dtype=g.dtype)
-    bounds = torch.searchsorted(rows, torch.arange(0, n_rows + step, step, device=rows.device)).tolist()
-    for b, s in enumerate(range(0, n_rows, step)):
-        lo, hi = bounds[b], bounds[b + 1]
-        out[lo:hi] = (g[s : s + step] @ W.t())[rows[lo:hi] - s, cols[lo:hi]]
+        return (g @ W.t()).view(-1).index_select(0, rows * n_cols + cols)
+    out = torch.zeros(cols.shape[0], device=g.device, dtype=g.dtype)
+    for s in range(0, n_rows, step):
+        # every entry looks into every block and keeps its own: nnz work per block, but no data-dependent bounds
+        e = min(n_rows, s + step)
+        block = (g[s:e] @ W.t())[(rows - s).clamp(0, e - s - 1), cols]
+        out = torch.where((rows >= s) & (rows < e), block, out)
     return out
 
 
 class _SparseDecode(Function):
     @staticmethod
-    def forward(ctx, vals: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, n_rows: int, k: int | None) -> Tensor:
-        ctx.save_for_backward(vals, rows, cols, W_dec)
+    def forward(ctx, vals: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, order: Tensor | None,
+                rows_t: Tensor | None, offsets_t: Tensor | None, n_rows: int, k: int | None) -> Tensor:
+        ctx.save_for_backward(vals, rows, cols, W_dec, order, rows_t, offsets_t)
         ctx.k = k
         offsets = torch.arange(n_rows, device=rows.device) * k if k is not None else _offsets(rows, n_rows)
         return _bag_sum(W_dec, cols, offsets, vals)  # [n_rows, d_in]
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        vals, rows, cols, W_dec = ctx.saved_tensors
+        vals, rows, cols, W_dec, order, rows_t, offsets_t = ctx.saved_tensors
         g = g.contiguous()
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
             grad_vals = _gather_dot(g, W_dec, rows, cols, ctx.k).to(vals.dtype)  # g[row] · W_dec[col]
         if ctx.needs_input_grad[3]:
-            order, rows_t, offsets_t = _transpose_bags(rows, cols, W_dec.shape[0])
+            if order is None:
+                order, rows_t, offsets_t = _transpose_bags(rows, cols, W_dec.shape[0])
             grad_W = _bag_sum(g.to(W_dec.dtype), rows_t, offsets_t, vals[order])  # Fᵀ g, [d_sae, d_in]
-        return grad_vals, None, None, grad_W, None, None
+        return grad_vals, None, None, grad_W, None, None, None, None, None
 
 
 class _SparsePreActs(Function):
     @staticmethod
-    def forward(ctx, pre_vals, sae_in, W_enc, b_enc, b_dec, rows, cols, k):
-        ctx.save_for_backward(sae_in, W_enc, rows, cols)
+    def forward(ctx, pre_vals, sae_in, W_enc, b_enc, b_dec, rows, cols, order, rows_t, offsets_t, k):
+        ctx.save_for_backward(sae_in, W_enc, rows, cols, order, rows_t, offsets_t)
         ctx.k = k
         return pre_vals.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        sae_in, W_enc, rows, cols = ctx.saved_tensors
+        sae_in, W_enc, rows, cols, order, rows_t, offsets_t = ctx.saved_tensors
         n_rows, d_sae = sae_in.shape[0], W_enc.shape[1]
         g = g.to(W_enc.dtype)
         grad_in = grad_W = grad_b = grad_b_dec = None
@@ -159,7 +242,8 @@ class _SparsePreActs(Function):
             offsets = torch.arange(n_rows, device=g.device) * ctx.k if ctx.k is not None else _offsets(rows, n_rows)
             grad_in = _bag_sum(W_t, cols, offsets, g).to(sae_in.dtype)
         if any(ctx.needs_input_grad[2:5]):
-            order, rows_t, offsets_t = _transpose_bags(rows, cols, d_sae)
+            if order is None:
+                order, rows_t, offsets_t = _transpose_bags(rows, cols, d_sae)
             g_t = g[order]
         if ctx.needs_input_grad[2]:
             grad_W = _bag_sum(sae_in.to(W_enc.dtype), rows_t, offsets_t, g_t).t()  # (Gᵀ x)ᵀ, [d_in, d_sae]
@@ -170,22 +254,59 @@ class _SparsePreActs(Function):
         if ctx.needs_input_grad[4]:
             # sae_in = x − b_dec, so ∂b_dec = −Σ_tokens G W_encᵀ = −W_enc (Σ_tokens G) = −W_enc ∂b_enc: one matvec
             grad_b_dec = -(W_enc @ grad_b)
-        return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec, None, None, None
+        grad_b = grad_b if ctx.needs_input_grad[3] else None
+        return None, grad_in, grad_W, grad_b, grad_b_dec, None, None, None, None, None, None
 
 
-def sparse_decode(acts: SparseActs, W_dec: Tensor) -> Tensor:
-    """[n_rows, d_in] = F W_dec for the sparse F in `acts` (no bias); gradients to acts.vals and W_dec are sparse."""
-    return _SparseDecode.apply(acts.vals, acts.rows, acts.cols, W_dec, acts.n_rows, acts.k)
+class _DensePreActs(Function):
+    @staticmethod
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(sae_in, W_enc)
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        sae_in, W_enc = ctx.saved_tensors
+        grad_in = grad_W = grad_b = grad_b_dec = None
+        if ctx.needs_input_grad[1]:
+            grad_in = (g @ W_enc.t().to(g.dtype)).to(sae_in.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = (sae_in.to(g.dtype).t() @ g).to(W_enc.dtype)  # [d_in, d_sae], in g's (autocast) dtype
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_b = g.sum(0, dtype=W_enc.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b_dec = -(W_enc @ grad_b)  # sae_in = x − b_dec: one matvec instead of G W_encᵀ summed
+        return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec
+
+
+def dense_pre_acts(pre: Tensor, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """[batch, d_sae] pre-activations `pre` = sae_in W_enc + b_enc (computed without grad) with their gradients.
+
+    The dense counterpart of `sparse_pre_acts`: with b_dec given (sae_in = x − b_dec, neither with grad), ∂b_dec
+    is the matvec −W_enc Σ_tokens G instead of autograd's [batch, d_sae] × [d_sae, d_in] GEMM.
+    """
+    return _DensePreActs.apply(pre, sae_in, W_enc, b_enc, b_dec)
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, t: Transposed | None = None) -> Tensor:
+    """[n_rows, d_in] = F W_dec for the sparse F in `acts` (no bias); gradients to acts.vals and W_dec are sparse.
+
+    t: `transposed(acts, d_sae)` when the caller has it (saves a sort in the backward)."""
+    t = t or (None, None, None)
+    return _SparseDecode.apply(acts.vals, acts.rows, acts.cols, W_dec, *t, acts.n_rows, acts.k)
 
 
 def sparse_pre_acts(
-    code: SparseActs, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None
+    code: SparseActs, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None,
+    t: Transposed | None = None,
 ) -> Tensor:
     """[nnz] pre-activations (sae_in W_enc + b_enc)[rows, cols], gradients only at those entries.
 
     code.vals must already hold those values (computed densely without grad to choose the entries); this attaches
     the sparse backward. sae_in: [n_rows, d_in] encoder input, W_enc: [d_in, d_sae], b_enc: [d_sae]. Pass the
     b_dec [d_in] that was subtracted to form sae_in (sae_in = x − b_dec, x and sae_in without grad) to get its
-    gradient as one matvec instead of a per-token [n_rows, d_in] backward.
+    gradient as one matvec instead of a per-token [n_rows, d_in] backward. t: `transposed(code, d_sae)`, shared
+    with `sparse_decode` of the same entries.
     """
-    return _SparsePreActs.apply(code.vals.detach(), sae_in, W_enc, b_enc, b_dec, code.rows, code.cols, code.k)
+    t = t or (None, None, None)
+    return _SparsePreActs.apply(code.vals.detach(), sae_in, W_enc, b_enc, b_dec, code.rows, code.cols, *t, code.k)

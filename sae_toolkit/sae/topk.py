@@ -7,8 +7,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+from sae_toolkit.sae.kernels import (
+    SparseActs,
+    Transposed,
+    batch_topk_code,
+    sparse_decode,
+    sparse_pre_acts,
+    topk_code,
+    transposed,
+)
 from sae_toolkit.sae.registry import register
 
 
@@ -46,17 +55,19 @@ class TopKSAE(SAE):
             sae_in = self._sae_in(x)  # [batch, d_in]; b_dec's gradient comes from the kernel, see below
             pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae], only to choose entries
         code = self._select(pre)
-        z = self._sparse_pre_acts(code, sae_in).relu()  # [nnz]
-        main = code._replace(vals=z)
+        t = transposed(code, self.cfg.d_sae)  # one column sort, shared by both sparse backwards
+        z = self._sparse_pre_acts(code, sae_in, t).relu()  # [nnz]
+        main, t_main = code._replace(vals=z), t
         parts: dict[str, Tensor] = {}
         if self.cfg.multi_topk:
             # topk_code sorts each row descending, so the first k of the 4k entries are the top k
             k, b = self.cfg.k, x.shape[0]
             keep = lambda t: t.view(b, 4 * k)[:, :k].reshape(-1)
             main = SparseActs(keep(z), keep(code.rows), keep(code.cols), b, k)
-            x_hat_4k = sparse_decode(code._replace(vals=z), self.W_dec) + self.b_dec
+            t_main = None
+            x_hat_4k = sparse_decode(code._replace(vals=z), self.W_dec, t) + self.b_dec
             parts["mse_4k"] = self._mse(x, x_hat_4k) / 8
-        x_hat = sparse_decode(main, self.W_dec) + self.b_dec  # [batch, d_in]
+        x_hat = sparse_decode(main, self.W_dec, t_main) + self.b_dec  # [batch, d_in]
         parts["mse"] = self._mse(x, x_hat)
         parts["auxk"] = self._auxk_loss(x, x_hat, sae_in, pre, dead_mask)
         self._after_batch(main)
@@ -69,28 +80,53 @@ class TopKSAE(SAE):
     def _auxk_loss(self, x: Tensor, x_hat: Tensor, sae_in: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """α·mean_b ‖e − ê‖², e = stopgrad(x − x̂), ê decoded (no bias) from the top k_aux dead pre-activations.
 
-        The dead latents' values come through the sparse encoder kernel, so the gradient reaches their encoder
-        columns W_enc[:, i] and b_enc[i] as well as their decoder rows.
+        The dead latents' values carry gradients to their encoder columns W_enc[:, i] and b_enc[i] (and b_dec) as
+        well as to their decoder rows (DESIGN §5). Two implementations of the same formula:
+        - static (GPU, torch.compile): top k_aux of the pre-activations with live latents masked to −inf, through
+          the sparse kernels; fixed shapes, no host sync, no early exit (the loss is multiplied by "any dead").
+        - compact (eager CPU): the dead columns gathered into a [batch, n_dead] block and handled with dense
+          GEMMs; with k_aux ≈ n_dead/2 (10 % dead) that block is half full, and a GEMM is ~10× cheaper per
+          multiply-add than the sparse gathers — and a batch without dead latents costs nothing.
         """
         zero = x_hat.new_zeros(())
         if dead_mask is None or self.cfg.aux_coefficient == 0:
             return zero
         if dead_mask.shape != (self.cfg.d_sae,):
             raise SAEToolkitError(f"dead_mask has shape {tuple(dead_mask.shape)}, expected ({self.cfg.d_sae},)")
-        dead = dead_mask.to(pre.device).nonzero().squeeze(1)  # [n_dead]
-        if dead.numel() == 0:
-            return zero
-        aux = topk_code(pre[:, dead], min(self.cfg.k_aux, dead.numel()))
-        aux = aux._replace(cols=dead[aux.cols])  # local → global latent ids
-        z_aux = self._sparse_pre_acts(aux, sae_in).relu()
-        e_hat = sparse_decode(aux._replace(vals=z_aux), self.W_dec)  # [batch, d_in]
+        dead_mask = dead_mask.to(pre.device, torch.bool)
         e = (x - x_hat).detach()
-        return self.cfg.aux_coefficient * self._mse(e, e_hat)
+        if kernels.host_syncs_ok(pre):
+            dead = dead_mask.nonzero().squeeze(1)  # [n_dead]
+            if dead.numel() == 0:
+                return zero
+            e_hat = self._auxk_decode_compact(sae_in, pre, dead)
+            return self.cfg.aux_coefficient * self._mse(e, e_hat)
+        k_aux = min(self.cfg.k_aux, self.cfg.d_sae)
+        # live latents at −inf never win the top k_aux while a dead one is left; when fewer than k_aux are dead
+        # the −inf picks are ReLU'd to exactly 0 (no value, no gradient), as if k_aux were n_dead
+        aux = topk_code(pre.masked_fill(~dead_mask, float("-inf")), k_aux)
+        t = transposed(aux, self.cfg.d_sae)
+        z_aux = self._sparse_pre_acts(aux, sae_in, t).relu()
+        e_hat = sparse_decode(aux._replace(vals=z_aux), self.W_dec, t)  # [batch, d_in]
+        return self.cfg.aux_coefficient * self._mse(e, e_hat) * dead_mask.any()
 
-    def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor) -> Tensor:
+    def _auxk_decode_compact(self, sae_in: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
+        """ê [batch, d_in] from the dead latents `dead` [n_dead] (global ids), dense on their columns only."""
+        W_enc, b_enc = self.W_enc[:, dead], self.b_enc[dead]  # [d_in, n_dead], [n_dead]
+        z = F.linear(sae_in, W_enc.t(), b_enc)  # [batch, n_dead], = pre[:, dead] with gradients
+        if self.cfg.apply_b_dec_to_input:
+            # sae_in = x − b_dec was formed without grad; (stopgrad(b_dec) − b_dec) W_enc is 0 in value and
+            # carries ∂b_dec = −W_enc Σ_tokens ∂z: one matvec instead of a [batch, d_in] backward
+            z = z + (self.b_dec.detach() - self.b_dec) @ W_enc
+        k_aux = min(self.cfg.k_aux, dead.numel())
+        idx = pre[:, dead].topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux], chosen without grad
+        f = torch.zeros_like(z).scatter(-1, idx, z.gather(-1, idx).relu())  # [batch, n_dead], ≤ k_aux per row
+        return f @ self.W_dec[dead]
+
+    def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor, t: Transposed | None = None) -> Tensor:
         """[nnz] pre-activations at code's entries with the sparse backward (b_dec's gradient as one matvec)."""
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        return sparse_pre_acts(code, sae_in, self.W_enc, self.b_enc, b_dec)
+        return sparse_pre_acts(code, sae_in, self.W_enc, self.b_enc, b_dec, t)
 
     def _after_batch(self, main: SparseActs) -> None:
         """Hook for per-batch state updates (BatchTopK's threshold)."""

@@ -12,7 +12,8 @@ from sae_toolkit.sae import ARCHS
 
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = {"acts", "out", "resume", "device", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "logger", "wandb_project", "run_name", "prefetch"}
+                      "logger", "wandb_project", "run_name", "prefetch",
+                      "compile"}
 
 
 @dataclass
@@ -56,7 +57,8 @@ class TrainConfig:
     exclude_bos: bool = True
     """Skip BOS positions (their activations are huge outliers that waste latents)."""
     in_memory: bool | Literal["auto"] = "auto"
-    """Load the usable rows into RAM (full shuffle each pass); auto: when they fit in 2 GiB as float32."""
+    """Load the usable rows into RAM (full shuffle each pass); auto: when they take at most half the available RAM
+    in the file's dtype."""
     prefetch: int = 4
     """Batches the store prepares ahead in its background thread."""
 
@@ -79,6 +81,9 @@ class TrainConfig:
     """Clip the gradient norm to this value (None: no clipping)."""
     autocast: bool = True
     """bf16 autocast on CUDA (weights and Adam state stay fp32). No effect on CPU."""
+    compile: bool = False
+    """Run the training loss and its backward through torch.compile(fullgraph=True) (one graph, no host syncs).
+    The first step pays the compilation (a minute or more on CPU); worth it for long GPU runs."""
 
     decoder_norm_penalty: bool = False
     """relu: Anthropic's April-2024 variant (λ Σ fᵢ‖W_dec,i‖, decoder norms free) instead of unit-norm rows."""

@@ -313,3 +313,44 @@ def test_smollm2_on_pydoc(tmp_path):
         assert f.attrs["n_seqs"] == 2 and f.attrs["bos_token_id"] == 1 and f["tokens"][1][0] == 1
     assert acts.shape == (64, 576)
     assert np.isfinite(acts).all() and acts.std(axis=0).max() > 1e-3 and acts.std(axis=1).min() > 1e-4
+
+
+def test_forward_size_defaults_to_32k_tokens_on_a_gpu():
+    cfg = small_config("x.h5", batch_size=None)
+    assert cfg.windows_per_forward("cpu") == 32
+    assert cfg.windows_per_forward("cuda") * cfg.context_size == 32768  # context 32
+    assert small_config("x.h5", batch_size=None, context_size=100).windows_per_forward("cuda:1") == 328
+    assert small_config("x.h5", batch_size=7).windows_per_forward("cuda") == 7
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_host_copy_keeps_storage_bits(dtype):
+    from sae_toolkit.activations.cacher import _to_host
+
+    x = torch.randn(50, 6) * 100
+    got = _to_host(x, dtype)
+    assert got.dtype == getattr(torch, dtype) and got.device.type == "cpu"
+    assert torch.equal(got, x.to(getattr(torch, dtype)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_cache_with_pinned_async_copies_matches_cpu(tmp_path, dtype):
+    from sae_toolkit.activations.cacher import _to_host
+
+    x = torch.randn(4096, 64, device="cuda") * 10
+    bufs = [_to_host(x * i, dtype) for i in range(4)]  # queued, then one sync
+    torch.cuda.synchronize()
+    for i, b in enumerate(bufs):
+        assert b.is_pinned() and torch.equal(b, (x * i).to(getattr(torch, dtype)).cpu())
+    got = {}
+    for device in ("cpu", "cuda"):
+        got[device] = read_all(cache_activations(small_config(tmp_path / f"{device}.h5", dtype=dtype,
+                                                              device=device, batch_size=None)))
+    assert np.array_equal(got["cpu"]["tokens"], got["cuda"]["tokens"])
+    for name in got["cpu"]:
+        if name.startswith("acts/"):
+            a, b = (decode_rows(got[d][name], dtype).astype(np.float64) for d in ("cpu", "cuda"))
+            # the GPU runs the model in bf16 (the CPU in fp32): close, not equal
+            assert a.shape == b.shape and np.linalg.norm(a - b) < 0.05 * np.linalg.norm(a), name

@@ -143,10 +143,12 @@ def test_error_not_the_format(tmp_path):
         ActivationStore(tmp_path / "missing.h5", "x", batch_size=2)
 
 
-def test_error_non_finite_names_the_row(tmp_path):
-    acts = np.ones((N_SEQS * CTX, D), dtype=np.float32)
-    acts[3 * CTX + 5, 2] = np.inf
-    path = write_acts(tmp_path / "a.h5", {"hp": acts}, context_size=CTX)
+@pytest.mark.parametrize("dtype,bad", [("float32", np.inf), ("float16", np.inf), ("float16", np.nan),
+                                       ("bfloat16", -np.inf), ("bfloat16", np.nan)])
+def test_error_non_finite_names_the_row(tmp_path, dtype, bad):
+    acts = np.full((N_SEQS * CTX, D), 65504.0 if dtype == "float16" else 3e38, dtype=np.float32)  # finite maxima
+    acts[3 * CTX + 5, 2] = bad
+    path = write_acts(tmp_path / "a.h5", {"hp": acts}, context_size=CTX, dtype=dtype)
     with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1)) as store:
         with pytest.raises(SAEToolkitError, match=r"non-finite value in row 53 \(sequence 3, position 5\)"):
             store.next_batch()
@@ -168,3 +170,52 @@ def test_error_normalizing_all_zero_rows(tmp_path):
         ActivationStore(path, "hp", batch_size=8, normalize=True)
     with ActivationStore(path, "hp", batch_size=8) as store:  # without normalization they are just data
         assert store.next_batch().abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_rows_stay_in_the_file_dtype_until_the_batch_is_made(tmp_path, dtype):
+    acts = np.random.default_rng(3).standard_normal((N_SEQS * CTX, D)).astype(np.float32) * 3
+    path = write_acts(tmp_path / "a.h5", {"hp": acts}, context_size=CTX, dtype=dtype)
+    batches = {}
+    for in_memory in (True, False):
+        with ActivationStore(path, "hp", batch_size=24, in_memory=in_memory, normalize=True, block_rows=32,
+                             seed=5) as store:
+            if in_memory:  # RAM holds the stored dtype: half the bytes of float32 for 16-bit files
+                assert store._memory.itemsize == np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+            batches[in_memory] = ([store.next_batch() for _ in range(12)], store.scale)  # > 1 epoch
+    for in_memory, (bs, scale) in batches.items():
+        have = {tuple(r) for r in (torch.from_numpy(acts).to(getattr(torch, dtype)).float() * scale).tolist()}
+        assert all(b.dtype == torch.float32 and b.shape == (24, D) for b in bs)
+        # every row is a (BOS-free) file row converted exactly, then scaled
+        assert all(tuple(r) in have for b in bs for r in b.tolist()), in_memory
+
+
+def test_auto_in_memory_follows_the_available_ram(tmp_path, monkeypatch):
+    from sae_toolkit.activations import store as store_mod
+
+    path, _ = _indexed_file(tmp_path, dtype="float16")
+    n_bytes = (N_SEQS * CTX - N_SEQS) * D * 2  # BOS rows excluded, 2 bytes per value
+    monkeypatch.setattr(store_mod, "available_ram", lambda: 2 * n_bytes)
+    with ActivationStore(path, "mlp_out.0", batch_size=8, in_memory="auto") as s:
+        assert s.in_memory
+    monkeypatch.setattr(store_mod, "available_ram", lambda: 2 * n_bytes - 2)
+    with ActivationStore(path, "mlp_out.0", batch_size=8, in_memory="auto") as s:
+        assert not s.in_memory
+    monkeypatch.undo()
+    assert store_mod.available_ram() is None or store_mod.available_ram() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_side_stream_batches_equal_the_cpu_batches(tmp_path, dtype):
+    path, _ = _indexed_file(tmp_path, dtype=dtype)
+    got = {}
+    for device in ("cpu", "cuda"):
+        with ActivationStore(path, "mlp_out.0", batch_size=16, device=device, normalize=True, prefetch=2,
+                             block_rows=32) as s:
+            bs = [s.next_batch() for _ in range(40)]  # wraps the ring of pinned buffers many times
+            torch.cuda.synchronize()
+            got[device] = torch.stack([b.cpu() for b in bs])
+            assert all(b.device.type == device and b.dtype == torch.float32 for b in bs)
+    assert torch.equal(got["cpu"], got["cuda"])

@@ -4,7 +4,15 @@ import pytest
 import torch
 from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
 
-from sae_toolkit.sae.kernels import SparseActs, batch_topk_code, sparse_decode, sparse_pre_acts, topk_code
+from sae_toolkit.sae import kernels
+from sae_toolkit.sae.kernels import (
+    SparseActs,
+    batch_topk_code,
+    sparse_decode,
+    sparse_pre_acts,
+    topk_code,
+    transposed,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +172,72 @@ def test_auxk_is_zero_without_dead_latents():
     assert sae.training_loss(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).parts["auxk"] == 0
 
 
+@pytest.fixture(params=["cpu_branches", "gpu_branches"])
+def branches(request, monkeypatch):
+    """Run a test with the kernels' and the AuxK loss's CPU choices, then with the ones a GPU takes (forced)."""
+    if request.param == "gpu_branches":
+        monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)  # chunked row gathers + bmm
+        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [("topk", {}), ("topk", {"multi_topk": True}), ("batchtopk", {}), ("topk", {"apply_b_dec_to_input": False})],
+    ids=["topk", "multi_topk", "batchtopk", "topk_no_b_dec_in"],
+)
+def test_both_branches_match_dense_reference(arch, kw, branches):
+    sae = randomized(arch, seed=7, **kw)
+    x = torch.randn(24, sae.cfg.d_in)
+    for dead in (torch.arange(D_SAE) % 3 == 0, torch.arange(D_SAE) < 2):  # k_aux = 4 > 2 dead: −inf picks
+        out = sae.training_loss(x, dead_mask=dead)
+        ref = topk_loss_ref(sae, x, dead)
+        for name in ref:
+            torch.testing.assert_close(out.parts[name], ref[name], msg=f"loss part {name} ({branches})")
+        assert out.parts["auxk"] > 0
+        got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name} ({branches})")
+        # AuxK's gradient reaches the dead latents' encoder columns (DESIGN §5)
+        aux = grads_of(sae, out.parts["auxk"])
+        assert aux["W_enc"][:, dead].abs().sum() > 0 and torch.all(aux["W_enc"][:, ~dead] == 0)
+    none_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    assert sae.training_loss(x, dead_mask=none_dead).parts["auxk"] == 0
+
+
+@pytest.mark.parametrize("k", [3, None])
+def test_gather_dot_branches_and_row_blocks_agree(k, monkeypatch):
+    g_ = torch.Generator().manual_seed(4)
+    n, d, n_cols = 37, 6, 50
+    g, W = torch.randn(n, d, generator=g_), torch.randn(n_cols, d, generator=g_)
+    code = topk_code(torch.randn(n, n_cols, generator=g_), 3)
+    if k is None:  # uneven rows, one token without entries
+        keep = code.rows != 5
+        code = SparseActs(code.vals[keep], code.rows[keep], code.cols[keep], n)
+    want = (g @ W.t())[code.rows, code.cols]
+    results = {"dense": kernels._gather_dot(g, W, code.rows, code.cols, k)}
+    monkeypatch.setattr(kernels, "_DENSE_BLOCK", 8 * n_cols)  # 8-row blocks: the static block bounds
+    results["dense_blocks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
+    monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)
+    monkeypatch.setattr(kernels, "_chunk_elements", lambda device: 5 * d * 3)  # several gather chunks
+    results["gather_chunks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
+    for name, got in results.items():
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_shared_transpose_gives_the_same_gradients():
+    x, W_enc, b_enc, W_dec = _random_problem(n=11, d_sae=20, seed=6)
+    with torch.no_grad():
+        code = batch_topk_code(x @ W_enc + b_enc, 3)
+    grads = []
+    for t in (None, transposed(code, 20)):
+        z = sparse_pre_acts(code, x, W_enc, b_enc, t=t)
+        x_hat = sparse_decode(code._replace(vals=z), W_dec, t)
+        grads.append(torch.autograd.grad(x_hat.pow(3).sum(), [x, W_enc, b_enc, W_dec]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -183,3 +257,67 @@ def test_cuda_kernels_match_dense_reference(arch):
         out = sae32.training_loss(x.float(), dead_mask=dead)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad.dtype == torch.float32 for p in sae32.parameters())
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse", "gpu"])
+@pytest.mark.parametrize("kw", [{}, {"decoder_norm_penalty": True}, {"apply_b_dec_to_input": False}],
+                         ids=["unit_norm", "april", "no_b_dec_in"])
+def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
+    from sae_toolkit.sae import relu
+
+    # forced: "dense" never takes the sparse kernels, "sparse" always does, "gpu" may not sync to decide
+    monkeypatch.setattr(relu, "SPARSE_MAX_DENSITY", {"dense": -1.0, "sparse": 1.0, "gpu": 1.0}[path])
+    if path == "gpu":
+        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)
+    taken = []
+    monkeypatch.setattr(kernels, "positive_code", lambda *a, f=kernels.positive_code: taken.append(1) or f(*a))
+    sae = randomized("relu", seed=9, **kw)
+    x = torch.randn(20, sae.cfg.d_in)
+    out = sae.training_loss(x, sparsity_scale=0.7)
+    assert bool(taken) == (path == "sparse")
+    # the formulas written out (autograd through every dense matmul)
+    sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    f = (sae_in @ sae.W_enc + sae.b_enc).relu()
+    weights = sae.W_dec.norm(dim=-1) if sae.cfg.decoder_norm_penalty else torch.ones(D_SAE)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    ref = {"mse": (x - x_hat).pow(2).sum(-1).mean(), "l1": sae.cfg.l1_coefficient * 0.7 * (f * weights).sum(-1).mean()}
+    for name in ref:
+        torch.testing.assert_close(out.parts[name], ref[name], msg=f"loss part {name}")
+    torch.testing.assert_close(out.x_hat, x_hat)
+    assert torch.equal(out.fired, (f > 0).any(0))
+    torch.testing.assert_close(out.l0, (f > 0).sum(-1).double().mean().to(out.l0.dtype))
+    got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name} ({path})")
+
+
+def test_relu_takes_the_sparse_path_only_at_low_density(monkeypatch):
+    taken = []
+    monkeypatch.setattr(kernels, "positive_code", lambda *a, f=kernels.positive_code: taken.append(1) or f(*a))
+    sae = randomized("relu", seed=2)
+    x = torch.randn(64, sae.cfg.d_in)
+    sae.training_loss(x)  # random biases: roughly half the pairs fire
+    assert not taken
+    with torch.no_grad():  # ~2 % of the pairs fire, as in a trained ReLU SAE
+        sae.b_enc.copy_(-((x - sae.b_dec) @ sae.W_enc).quantile(0.98, dim=0))
+    out = sae.training_loss(x)
+    assert taken and out.l0 <= 0.05 * D_SAE
+
+
+def test_decode_of_bf16_latents_under_autocast_matches_float32():
+    sae = randomized("relu", seed=4, dtype="float32")
+    f = torch.rand(6, D_SAE, dtype=torch.float32).to(torch.bfloat16)
+    want = sae.decode(f)  # outside autocast: f is cast to W_dec's float32
+    assert want.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sae.decode(f)
+    assert got.dtype == torch.float32  # bf16 matmul + float32 b_dec
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n_keys", [50, 1 << 16, 1 << 20])  # uint16 radix path, its edge, int64 path
+def test_cpu_sorts_match_torch_stable_sort(n_keys):
+    keys = torch.randint(0, n_keys, (5000,), generator=torch.Generator().manual_seed(n_keys))
+    keys[:50] = n_keys - 1
+    assert torch.equal(kernels._argsort_stable(keys, n_keys), keys.argsort(stable=True))
+    assert torch.equal(kernels._sorted(keys), keys.sort().values)
