@@ -15,6 +15,7 @@ from sae_toolkit.activations.config import CacheConfig
 from sae_toolkit.activations.stream import ModelStream, StreamConfig
 from sae_toolkit.cli import main
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.files import MARKER
 from sae_toolkit.sae import SAE
 from sae_toolkit.training import sources
 from sae_toolkit.training.config import TrainConfig
@@ -47,7 +48,7 @@ def test_from_the_model_as_good_as_the_cached_path(tmp_path: Path) -> None:
     cached, model = heldout_fvu(tmp_path / "cached" / "sae", held), heldout_fvu(tmp_path / "model" / "sae", held)
     assert cached < 0.6 and abs(model - cached) < 0.05 * cached, (model, cached)
     run = tmp_path / "model"
-    assert {p.name for p in run.iterdir()} == {"sae", "checkpoints", "metrics.jsonl", "train_config.json"}
+    assert {p.name for p in run.iterdir()} == {"sae", "checkpoints", "metrics.jsonl", "train_config.json", MARKER}
     saved = json.loads((run / "train_config.json").read_text())
     assert saved["source"]["model"] == "tiny-llama" and saved["world_size"] == 1
     assert saved["resolved"]["total_tokens"] == tokens
