@@ -34,6 +34,18 @@ def _seq_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """`A,B,C` → (A, B, C), positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write positive integers separated by commas, "
+                                         "e.g. 64,64,128")
+    return values
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from sae_toolkit.activations.cacher import CacheConfig, cache_activations
 
@@ -80,6 +92,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         out=args.out,
         resume=args.resume,
         seq_range=args.seqs,
+        target_l0=args.target_l0,
+        decoder_norm_penalty=args.decoder_norm_penalty,
+        jumprelu_loss=args.jumprelu_loss,
+        matryoshka_groups=args.matryoshka_groups,
     )
     run_dir = train_sae(cfg)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
@@ -142,12 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an SAE on cached activations")
     t.add_argument("acts", help="activation .h5 file")
     t.add_argument("--hookpoint", required=True)
-    t.add_argument("--arch", required=True, choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t.add_argument("--arch", required=True, choices=["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
     g = t.add_mutually_exclusive_group()
     g.add_argument("--expansion", type=int, default=8, help="d_sae = expansion * d_in")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")
-    t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
-    t.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
+    t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk, matryoshka)")
+    s = t.add_mutually_exclusive_group()
+    s.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
+    s.add_argument("--target-l0", type=float, default=None,
+                   help="steer the sparsity penalty so training ends at this L0 (relu, jumprelu, gated)")
+    t.add_argument("--decoder-norm-penalty", action="store_true",
+                   help="relu: Anthropic's April-2024 variant (penalty f·‖W_dec‖, no b_dec before encoding, clip 1)")
+    t.add_argument("--jumprelu-loss", choices=["tanh", "step"], default="tanh",
+                   help="jumprelu: Anthropic 2025 tanh penalty (default) or the L0 step-function estimator")
+    t.add_argument("--matryoshka-groups", type=_int_list, default=None,
+                   help="matryoshka: nested group sizes summing to d_sae, e.g. 256,256,512,1024,2048")
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")
     t.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     t.add_argument("--tokens", type=_size, default=None, help="training tokens (default: one pass over the file)")

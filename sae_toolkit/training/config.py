@@ -23,18 +23,23 @@ class TrainConfig:
     """Activation file (HDF5, DESIGN.md §3)."""
     hookpoint: str
     """Dataset under acts/ to train on."""
-    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
     """SAE architecture."""
     expansion: int = 8
     """d_sae = expansion · d_in (ignored when n_features is set)."""
     n_features: int | None = None
     """d_sae, overriding expansion."""
     k: int = 32
-    """Active latents per token (topk; mean per token for batchtopk). Unused by the other archs."""
+    """Active latents per token (topk; mean per token for batchtopk, matryoshka). Unused by the other archs."""
     l1_coefficient: float | None = None
-    """Sparsity coefficient λ (relu, gated: L1; jumprelu: L0). None: the arch default for normalized inputs."""
+    """Sparsity coefficient λ (relu, gated: L1; jumprelu: tanh/L0). None: the arch default for normalized inputs;
+    with target_l0, the starting value."""
+    target_l0: float | None = None
+    """relu, gated, jumprelu: steer λ during training so the run ends at this mean L0 (the final λ is saved in
+    the SAE's cfg.json)."""
     lr: float | None = None
-    """Adam learning rate. None: 2e-4 · sqrt(2^14 / d_sae) (Gao et al. 2024)."""
+    """Adam learning rate. None: 2e-4 · sqrt(2^14 / d_sae) (Gao et al. 2024) times a per-arch factor
+    (schedules.default_lr)."""
     batch_size: int = 4096
     """Tokens per step."""
     tokens: int | None = None
@@ -66,7 +71,7 @@ class TrainConfig:
     """Rows sampled for the b_dec initialisation."""
 
     lr_warmup_steps: int | None = None
-    """Linear lr warm-up. None: min(1000, 5% of the steps)."""
+    """Linear lr warm-up. None: min(1000, 5% of the steps) for the TopK family, 0 for relu, gated, jumprelu."""
     lr_decay: Literal["linear", "cosine", "none"] = "linear"
     """Decay to ~0 over the last lr_decay_fraction of training."""
     lr_decay_fraction: float = 0.2
@@ -76,7 +81,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam β1, β2."""
     max_grad_norm: float | None = None
-    """Clip the gradient norm to this value (None: no clipping)."""
+    """Clip the gradient norm to this value. None: 1 for relu with decoder_norm_penalty (Anthropic April 2024),
+    else no clipping."""
     autocast: bool = True
     """bf16 autocast on CUDA (weights and Adam state stay fp32). No effect on CPU."""
 
@@ -88,6 +94,11 @@ class TrainConfig:
     """topk/batchtopk: AuxK loss weight (0 disables AuxK)."""
     multi_topk: bool = False
     """topk: add the Multi-TopK loss L(4k)/8."""
+    jumprelu_loss: Literal["tanh", "step"] = "tanh"
+    """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
+    estimator of Rajamanoharan et al. 2024."""
+    matryoshka_groups: tuple[int, ...] | None = None
+    """matryoshka: nested group sizes summing to d_sae. None: prefixes at d_sae/16, /8, /4, /2, 1."""
 
     dead_window_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
@@ -137,6 +148,22 @@ class TrainConfig:
         if self.resample and self.arch != "relu":
             raise SAEToolkitError(f"resample applies to relu SAEs, not {self.arch!r} (topk/batchtopk revive dead "
                                   "latents with AuxK); set resample=False")
+        if self.target_l0 is not None:
+            if self.arch not in ("relu", "gated", "jumprelu"):
+                raise SAEToolkitError(f"target_l0 steers the sparsity coefficient of relu, gated and jumprelu; arch "
+                                      f"{self.arch!r} sets its L0 with k (pass --k {int(self.target_l0)} instead)")
+            if not (isinstance(self.target_l0, (int, float)) and 0 < self.target_l0 < math.inf):
+                raise SAEToolkitError(f"target_l0={self.target_l0!r} must be a positive number, e.g. 32")
+        if self.max_grad_norm is None and self.decoder_norm_penalty:
+            self.max_grad_norm = 1.0
+        if self.decoder_norm_penalty and self.arch != "relu":
+            raise SAEToolkitError(f"decoder_norm_penalty is the relu April-2024 variant, not for arch {self.arch!r}")
+        if self.jumprelu_loss not in ("tanh", "step"):
+            raise SAEToolkitError(f"jumprelu_loss={self.jumprelu_loss!r}; choose 'tanh' or 'step'")
+        if self.matryoshka_groups is not None:
+            if self.arch != "matryoshka":
+                raise SAEToolkitError(f"matryoshka_groups is a matryoshka option, not for arch {self.arch!r}")
+            self.matryoshka_groups = tuple(int(g) for g in self.matryoshka_groups)
         if self.seq_range is not None:
             if len(self.seq_range) != 2 or not 0 <= int(self.seq_range[0]) < int(self.seq_range[1]):
                 raise SAEToolkitError(f"seq_range={self.seq_range!r} must be (start, stop) with 0 <= start < stop")
