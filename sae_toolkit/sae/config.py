@@ -20,7 +20,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # stay well below a typical feature's magnitude on that scale (≈ √(d_in / L0)). Anthropic's April-2024 λ = 5
 # erased most features of the issue-11 toy (d_in 48, 3 active: MMCS 0.43, FVU 0.97); the values below are the
 # largest that still recover ≥ 0.95 of its directions (see tests/training/test_toy_quality.py).
-_DEFAULT_L1 = {"relu": 2.0, "gated": 2.0, "jumprelu": 1.0}
+_DEFAULT_L1 = {"relu": 2.0, "gated": 4.0, "jumprelu": 1.0}
 
 
 @dataclass

@@ -110,6 +110,11 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg, device=device)
         # < 0 means "not estimated yet": encode then falls back to per-token TopK.
         self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=self.W_enc.dtype))
+        self.per_token_selection = False
+        """Training state set by the trainer (not saved): select per token, as TopK, instead of over the batch.
+        At initialisation the batch-wide selection gives all latents to the highest-norm tokens, i.e. to mixtures
+        of many features, and the decoder settles on those mixtures (issue-11 toy: MMCS 0.86 against TopK's
+        0.996); a short per-token start lets every token teach its own features first."""
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., d_in] → [..., d_sae]. Eval mode: ReLU(π)·1[π > θ] per token. Train mode: BatchTopK over all
@@ -126,7 +131,7 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold)
 
     def _select(self, pre: Tensor) -> SparseActs:
-        return batch_topk_code(pre, self.cfg.k)
+        return topk_code(pre, self.cfg.k) if self.per_token_selection else batch_topk_code(pre, self.cfg.k)
 
     @torch.no_grad()
     def _after_batch(self, main: SparseActs) -> None:

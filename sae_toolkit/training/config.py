@@ -60,6 +60,11 @@ class TrainConfig:
     defaults carry across models and layers."""
     exclude_bos: bool = True
     """Skip BOS positions (their activations are huge outliers that waste latents)."""
+    outlier_multiple: float | None = 5.0
+    """Exclude massive-activation positions (attention sinks): window positions whose median activation norm is
+    above this multiple of the overall median (activations/outliers.py). None or 0: keep them."""
+    exclude_first_positions: int = 0
+    """Also exclude the first N positions of every window."""
     in_memory: bool | Literal["auto"] = "auto"
     """Load the usable rows into RAM (full shuffle each pass); auto: when they fit in 2 GiB as float32."""
     prefetch: int = 4
@@ -94,6 +99,9 @@ class TrainConfig:
     """topk/batchtopk: AuxK loss weight (0 disables AuxK)."""
     multi_topk: bool = False
     """topk: add the Multi-TopK loss L(4k)/8."""
+    topk_start_fraction: float = 0.25
+    """batchtopk, matryoshka: share of training (at the start) that selects the top k per token, as TopK, before
+    the batch-wide selection takes over (see BatchTopKSAE.per_token_selection)."""
     jumprelu_loss: Literal["tanh", "step"] = "tanh"
     """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
     estimator of Rajamanoharan et al. 2024."""
@@ -137,7 +145,7 @@ class TrainConfig:
             raise SAEToolkitError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be a non-negative integer")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise SAEToolkitError(f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
-        for name in ("lr_decay_fraction", "l1_warmup_fraction"):
+        for name in ("lr_decay_fraction", "l1_warmup_fraction", "topk_start_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SAEToolkitError(f"{name}={getattr(self, name)!r} must be between 0 and 1")
         self.resample_fractions = tuple(float(f) for f in self.resample_fractions)

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sae_toolkit import __version__
+from sae_toolkit.activations.outliers import describe as describe_positions
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
@@ -80,7 +82,8 @@ class Trainer:
         self.store = ActivationStore(
             cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
             seq_range=cfg.seq_range, exclude_bos=cfg.exclude_bos, normalize=cfg.normalize,
-            in_memory=cfg.in_memory, prefetch=cfg.prefetch)
+            in_memory=cfg.in_memory, prefetch=cfg.prefetch, outlier_multiple=cfg.outlier_multiple,
+            exclude_first_positions=cfg.exclude_first_positions)
         try:
             self._build(checkpoint)
         except BaseException:
@@ -150,6 +153,7 @@ class Trainer:
             aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk, jumprelu_loss=cfg.jumprelu_loss,
             matryoshka_groups=list(cfg.matryoshka_groups) if cfg.matryoshka_groups else None,
             extra={"train_tokens": self.total_tokens, "train_steps": self.total_steps,
+                   "excluded_positions": np.flatnonzero(self.store.excluded_positions).tolist(),
                    "acts": str(cfg.acts), "seq_range": list(self.store.seq_range)})
 
     def _start_run(self) -> None:
@@ -160,7 +164,10 @@ class Trainer:
         resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
                     "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
                     "dead_window_tokens": self.dead_window, "scale": self.store.scale,
-                    "usable_rows": self.store.n_rows, "device": str(self.device), "toolkit_version": __version__}
+                    "usable_rows": self.store.n_rows,
+                    "excluded_positions": np.flatnonzero(self.store.excluded_positions).tolist(),
+                    "excluded_outlier_rows": self.store.n_outlier_rows, "device": str(self.device),
+                    "toolkit_version": __version__}
         _write_atomic(self.run_dir / "train_config.json",
                       json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
         (self.run_dir / "metrics.jsonl").write_text("")
@@ -202,7 +209,8 @@ class Trainer:
         cfg = self.cfg
         print(f"training {cfg.arch} SAE d_in={self.d_in} d_sae={self.d_sae} on {self.total_tokens:,} tokens "
               f"({self.total_steps} steps of {cfg.batch_size}; {self.total_tokens / self.store.n_rows:.2f} passes over "
-              f"{self.store.n_rows:,} usable rows) "
+              f"{self.store.n_rows:,} usable rows; massive-activation "
+              f"{describe_positions(self.store.excluded_positions)} excluded: {self.store.n_outlier_rows:,} rows) "
               f"on {self.device} → {self.run_dir}")
         bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
                    unit_scale=True, desc=f"train {cfg.arch}", dynamic_ncols=True)
@@ -237,6 +245,8 @@ class Trainer:
         steer = self.l0_controller is not None and sparsity_scale == 1.0
         if self.l0_controller is not None:
             sparsity_scale = sparsity_scale * self.l0_controller.scale()
+        if hasattr(self.sae, "per_token_selection"):  # BatchTopK family: per-token TopK start
+            self.sae.per_token_selection = self.step < round(self.cfg.topk_start_fraction * self.total_steps)
         out = train_step(
             self.sae, self.opt, x,
             lr=lr_at(self.step, self.total_steps, self.lr, warmup_steps=self.warmup_steps,

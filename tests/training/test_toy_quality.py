@@ -90,3 +90,21 @@ def test_target_l0_errors_and_controller_doctest(tmp_path):
         TrainConfig(acts="a.h5", hookpoint="hp", arch="topk", target_l0=32, out=str(tmp_path))
     with pytest.raises(SAEToolkitError, match="target_l0=-1"):
         TrainConfig(acts="a.h5", hookpoint="hp", arch="relu", target_l0=-1, out=str(tmp_path))
+
+
+def test_cli_quality_flags(toy, tmp_path):
+    from sae_toolkit.cli import main
+
+    path, _ = toy
+    base = [str(path), "--hookpoint", "hp", "--n-features", "96", "--batch-size", "256", "--tokens", "2560"]
+    assert main(["train", *base, "--arch", "matryoshka", "--k", "4", "--matryoshka-groups", "16,16,64",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert SAE.load(tmp_path / "m").cfg.matryoshka_groups == [16, 16, 64]
+    assert main(["train", *base, "--arch", "relu", "--decoder-norm-penalty", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["max_grad_norm"] == 1.0
+    assert main(["train", *base, "--arch", "jumprelu", "--jumprelu-loss", "step", "--target-l0", "5",
+                 "--out", str(tmp_path / "j")]) == 0
+    cfg = SAE.load(tmp_path / "j").cfg
+    assert cfg.jumprelu_loss == "step" and cfg.extra["target_l0"] == 5.0
+    assert main(["train", *base, "--arch", "matryoshka", "--matryoshka-groups", "16,16",
+                 "--out", str(tmp_path / "bad")]) == 2  # groups must sum to d_sae
