@@ -96,6 +96,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         decoder_norm_penalty=args.decoder_norm_penalty,
         jumprelu_loss=args.jumprelu_loss,
         matryoshka_groups=args.matryoshka_groups,
+        outlier_multiple=args.outlier_multiple,
+        exclude_first_positions=args.exclude_first_positions,
     )
     run_dir = train_sae(cfg)
     print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
@@ -114,6 +116,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         device=args.device,
         seq_range=args.seqs,
         ce_windows=args.ce_windows,
+        outlier_multiple=args.outlier_multiple,
+        exclude_first_positions=args.exclude_first_positions,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -129,6 +133,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from sae_toolkit.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, device=args.device)
+
+
+def _outlier_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outlier-multiple", type=float, default=5.0,
+                   help="exclude positions whose median activation norm exceeds this multiple of the median (0: off)")
+    p.add_argument("--exclude-first-positions", type=int, default=0, help="also exclude the first N positions")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--seqs", type=_seq_range, default=None, help="train on sequences START:STOP only")
+    _outlier_flags(t)
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
@@ -190,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tokens", type=_size, default=None, help="tokens to evaluate (default: the whole file)")
     a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
-    a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
+    a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (4 forwards each)")
+    _outlier_flags(a)
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory")
     a.set_defaults(func=_cmd_analyze)

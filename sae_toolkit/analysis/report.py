@@ -54,12 +54,14 @@ class Report(NamedTuple):
 
 def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: str | None = None,
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
-                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096) -> Path:
+                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
+                 outlier_multiple: float | None = 5.0, exclude_first_positions: int = 0) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
     tokens / seq_range limit the evaluated windows. With `model` (a model SPEC), also the logit lens and CE/KL with
-    the SAE spliced in, over the first `ce_windows` evaluated windows (three forwards each).
+    the SAE spliced in, over the first `ce_windows` evaluated windows (four forwards each). outlier_multiple,
+    exclude_first_positions: the massive-activation positions to exclude (activations.outliers).
     """
     from sae_toolkit.sae import SAE
 
@@ -68,7 +70,8 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
     run_dir = path if (path / "sae" / "cfg.json").is_file() else None
     sae = SAE.load(path, device=device)
     t0 = time.perf_counter()
-    reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
+    reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens,
+                        outlier_multiple=outlier_multiple, exclude_first_positions=exclude_first_positions)
     with reader:
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
         lens, model_m, notes = None, {}, []

@@ -135,7 +135,8 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _after_batch(self, main: SparseActs) -> None:
-        if not self.training:
+        if not self.training or self.per_token_selection:
+            # per-token selections keep smaller activations than the batch-wide one will: θ would start too low
             return
         # all tensor ops (no host sync on GPU): a batch without positive activations leaves θ as it is
         vals = main.vals.detach().to(self.threshold.dtype)

@@ -99,14 +99,14 @@ class TrainConfig:
     """topk/batchtopk: AuxK loss weight (0 disables AuxK)."""
     multi_topk: bool = False
     """topk: add the Multi-TopK loss L(4k)/8."""
-    topk_start_fraction: float = 0.25
+    topk_start_fraction: float = 0.5
     """batchtopk, matryoshka: share of training (at the start) that selects the top k per token, as TopK, before
     the batch-wide selection takes over (see BatchTopKSAE.per_token_selection)."""
     jumprelu_loss: Literal["tanh", "step"] = "tanh"
     """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
     estimator of Rajamanoharan et al. 2024."""
     matryoshka_groups: tuple[int, ...] | None = None
-    """matryoshka: nested group sizes summing to d_sae. None: prefixes at d_sae/16, /8, /4, /2, 1."""
+    """matryoshka: nested group sizes summing to d_sae. None: two halves (see SAEConfig.matryoshka_groups)."""
 
     dead_window_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
