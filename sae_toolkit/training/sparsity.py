@@ -21,7 +21,7 @@ class L0Controller:
     >>> c = L0Controller(10.0, gain=0.1)
     >>> for _ in range(5): c.update_(torch.tensor(40.0))
     >>> round(float(c.scale()), 3)  # L0 above target → λ grows
-    1.964
+    1.284
     """
 
     def __init__(self, target: float, *, gain: float = 0.01, device: str | torch.device | None = None) -> None:
