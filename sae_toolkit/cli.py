@@ -52,6 +52,18 @@ def _seq_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """`A,B,C` → (A, B, C), positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write positive integers separated by commas, "
+                                         "e.g. 64,64,128")
+    return values
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from sae_toolkit.activations.cacher import CacheConfig, cache_activations
 
@@ -111,6 +123,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         seq_range=args.seqs,
         compile=args.compile,
+        target_l0=args.target_l0,
+        decoder_norm_penalty=args.decoder_norm_penalty,
+        jumprelu_loss=args.jumprelu_loss,
+        matryoshka_groups=args.matryoshka_groups,
+        outlier_multiple=args.outlier_multiple,
+        exclude_first_positions=args.exclude_first_positions,
     )
     if _train_many(args, cfg):
         return
@@ -173,6 +191,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         ce_windows=args.ce_windows,
         force=args.force,
         allow_mismatch=args.allow_mismatch,
+        outlier_multiple=args.outlier_multiple,
+        exclude_first_positions=args.exclude_first_positions,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -197,6 +217,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from sae_toolkit.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, device=args.device, force=args.force)
+
+
+def _outlier_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outlier-multiple", type=float, default=5.0,
+                   help="exclude positions whose median activation norm exceeds this multiple of the median (0: off)")
+    p.add_argument("--exclude-first-positions", type=int, default=0, help="also exclude the first N positions")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("acts", nargs="?", default=None, help="activation .h5 file (or --model and --dataset)")
     t.add_argument("--hookpoint", required=True, action="append", help="repeatable: one SAE per hookpoint")
     t.add_argument("--arch", required=True, type=_list(str),
-                   help="relu, topk, batchtopk, jumprelu or gated; a comma list trains each side by side")
+                   help="relu, topk, batchtopk, jumprelu, gated or matryoshka; a comma list trains each side by side")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--expansion", type=_list(int), default=[8], help="d_sae = expansion * d_in; e.g. 8,16")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")
-    t.add_argument("--k", type=_list(int), default=[32], help="latents per token (topk, batchtopk); e.g. 16,32,64")
+    t.add_argument("--k", type=_list(int), default=[32],
+                   help="latents per token (topk, batchtopk, matryoshka); e.g. 16,32,64")
     t.add_argument("--model", default=None, help="train from this model's forward pass instead of a file")
     t.add_argument("--dataset", default=None, help="corpus for --model (as for cache)")
     t.add_argument("--split", default="train")
@@ -243,7 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shuffle buffer for --model (default: 32 batches)")
     t.add_argument("--distribute-modules", action="store_true",
                    help="under torchrun: each hookpoint's SAEs on one rank, fed every rank's rows")
-    t.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
+    s = t.add_mutually_exclusive_group()
+    s.add_argument("--l1-coefficient", type=float, default=None, help="sparsity penalty (relu, jumprelu, gated)")
+    s.add_argument("--target-l0", type=float, default=None,
+                   help="steer the sparsity penalty so training ends at this L0 (relu, jumprelu, gated)")
+    t.add_argument("--decoder-norm-penalty", action="store_true",
+                   help="relu: Anthropic's April-2024 variant (penalty f·‖W_dec‖, no b_dec before encoding, clip 1)")
+    t.add_argument("--jumprelu-loss", choices=["tanh", "step"], default="tanh",
+                   help="jumprelu: Anthropic 2025 tanh penalty (default) or the L0 step-function estimator")
+    t.add_argument("--matryoshka-groups", type=_int_list, default=None,
+                   help="matryoshka: nested group sizes summing to d_sae, e.g. 256,256,512,1024,2048")
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")
     t.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     t.add_argument("--tokens", type=_size, default=None, help="training tokens (default: one pass over the file)")
@@ -255,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="start over: delete the earlier run's own files in --out")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss + backward as one graph (slow first step; for GPU runs)")
+    _outlier_flags(t)
     t.set_defaults(func=_cmd_train)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
@@ -264,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tokens", type=_size, default=None, help="tokens to evaluate (default: the whole file)")
     a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
-    a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
+    a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (4 forwards each)")
+    _outlier_flags(a)
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory (new, empty, or an earlier report)")
     a.add_argument("--force", action="store_true", help="also replace a report an older sae-toolkit wrote")

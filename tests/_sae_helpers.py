@@ -13,7 +13,7 @@ D_IN, D_SAE, K = 8, 48, 4
 def cfg_for(arch: str, **kw) -> SAEConfig:
     """A tiny config of `arch` (k given where the arch needs it)."""
     base = {"arch": arch, "d_in": D_IN, "d_sae": D_SAE, "dtype": "float64"}
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         base["k"] = K
     return SAEConfig(**{**base, **kw})
 

@@ -18,6 +18,7 @@ from sae_toolkit.activations.format import (
     root_attrs,
     stored_dtype,
 )
+from sae_toolkit.activations.outliers import DEFAULT_MULTIPLE, outlier_positions
 from sae_toolkit.errors import SAEToolkitError
 
 
@@ -26,11 +27,14 @@ class ActsReader:
 
     def __init__(self, path: str | Path, hookpoint: str | None = None, *, d_in: int | None = None,
                  seq_range: tuple[int, int] | None = None, tokens: int | None = None,
-                 tokenizer: object | None = "auto", exclude_special: bool = True) -> None:
+                 tokenizer: object | None = "auto", exclude_special: bool = True,
+                 outlier_multiple: float | None = DEFAULT_MULTIPLE, exclude_first_positions: int = 0) -> None:
         """path: the .h5 file. hookpoint: name under acts/ (None: the only one, or the only one of width d_in).
         seq_range: (start, stop) sequences to read (default all); tokens: read at most this many tokens (whole
         windows, rounded up). tokenizer: an HF tokenizer, None (show ids), or "auto" (load the file's `tokenizer`
-        attr; ids when that fails). exclude_special: special tokens are never top-activation peaks."""
+        attr; ids when that fails). exclude_special: special tokens are excluded along with BOS.
+        outlier_multiple, exclude_first_positions: massive-activation positions to exclude too
+        (activations.outliers.outlier_positions)."""
         self.path = Path(path)
         self.file = f = open_acts(self.path)
         try:
@@ -62,6 +66,16 @@ class ActsReader:
         if exclude_special and self.tokenizer is not None:
             special |= set(getattr(self.tokenizer, "all_special_ids", []) or [])
         self.special_ids = torch.tensor(sorted(special), dtype=torch.int64)
+        try:
+            self.excluded_positions = torch.from_numpy(outlier_positions(
+                self.dset, self.ctx, self.seq_range, multiple=outlier_multiple, first=exclude_first_positions,
+                dtype=self.dtype))
+        except BaseException:
+            self.file.close()
+            raise
+        """[ctx] bool, massive-activation positions excluded everywhere."""
+        self.n_excluded = {"special_tokens": 0, "outlier_positions": 0}
+        """Tokens `keep_mask` has excluded so far, by reason."""
         self._strings: dict[int, str] = {}
         self._toks: dict[int, list[int]] = {}
 
@@ -78,6 +92,15 @@ class ActsReader:
             toks = torch.from_numpy(raw.astype(np.int64))
             acts = torch.from_numpy(_to_float32(self.dset[s0 * self.ctx:s1 * self.ctx], self.dtype))
             yield torch.arange(s0, s1), toks, acts
+
+    def keep_mask(self, toks: torch.Tensor) -> torch.Tensor:
+        """tokens [s, seq] → [s, seq] bool, False at special tokens and massive-activation positions (counted in
+        `n_excluded`)."""
+        special = torch.isin(toks, self.special_ids)
+        outlier = self.excluded_positions[None, :].expand_as(special) & ~special
+        self.n_excluded["special_tokens"] += int(special.sum())
+        self.n_excluded["outlier_positions"] += int(outlier.sum())
+        return ~(special | outlier)
 
     def tokens(self, seqs: list[int] | None = None) -> torch.Tensor:
         """Token ids [len(seqs), seq] int64 of the given sequences (default: the range)."""

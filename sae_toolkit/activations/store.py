@@ -36,6 +36,7 @@ from sae_toolkit.activations.format import (
 from sae_toolkit.activations.format import (
     to_float32 as _to_float32,  # noqa: F401 (re-exported: the reader imports it from here)
 )
+from sae_toolkit.activations.outliers import outlier_positions
 from sae_toolkit.errors import SAEToolkitError
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class ActivationStore:
         block_rows: int | None = None,
         prefetch: int = 4,
         norm_sample: int = 8192,
+        outlier_multiple: float | None = None,
+        exclude_first_positions: int = 0,
     ):
         """
         path: the HDF5 activation file. hookpoint: name under `acts/` (as given to the cacher).
@@ -121,7 +124,10 @@ class ActivationStore:
         ("auto").
         buffer_blocks: blocks shuffled together. block_rows: rows per block (default: whole chunks, ~4 MiB).
         prefetch: batches prepared ahead by the background thread. norm_sample: rows used to estimate `scale`.
+        outlier_multiple, exclude_first_positions: also drop massive-activation positions
+        (activations.outliers.outlier_positions; `excluded_positions` says which, `n_outlier_rows` how many rows).
         """
+        self._outliers = (outlier_multiple, int(exclude_first_positions))
         self.path = Path(path)
         self.hookpoint = hookpoint
         self.batch_size = int(batch_size)
@@ -198,6 +204,12 @@ class ActivationStore:
             self._keep = (f["tokens"][start:stop] != self.bos_token_id).reshape(-1)
         else:
             self._keep = np.ones(self._row_stop - self._row_start, dtype=bool)
+        self.excluded_positions = outlier_positions(self._dset, self.context_size, (start, stop),
+                                                    multiple=self._outliers[0], first=self._outliers[1],
+                                                    dtype=self.dtype)
+        outlier_rows = np.tile(self.excluded_positions, stop - start)
+        self.n_outlier_rows = int((self._keep & outlier_rows).sum())
+        self._keep &= ~outlier_rows
         self.n_rows = int(self._keep.sum())
         if self.n_rows < self.batch_size:
             raise SAEToolkitError(f"acts/{hookpoint} in {where!r} has {self.n_rows} usable rows (sequences "

@@ -44,8 +44,9 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
          exclude_special: bool = True, left: int = 12, right: int = 4, seed: int = 0) -> Scan:
     """Run `sae` over the file's windows once, accumulating metrics and (top_k > 0) top activations.
 
-    Metrics skip BOS positions (DESIGN §3); top activations also skip the tokenizer's other special tokens unless
-    exclude_special=False. Memory: one chunk of ≤ batch_tokens tokens (fewer when d_sae is large) at a time.
+    Metrics and top activations skip the same tokens (`ActsReader.keep_mask`): BOS, the tokenizer's other special
+    tokens unless exclude_special=False, and massive-activation positions. Memory: one chunk of ≤ batch_tokens
+    tokens (fewer when d_sae is large) at a time.
     """
     from tqdm.auto import tqdm
 
@@ -61,7 +62,6 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
     sae = sae.to(device).eval()
     metrics = ReconstructionMetrics(sae.cfg.d_in, d_sae)
     top = TopActivations(d_sae, k=top_k, left=left, right=right, seed=seed, device=device) if top_k else None
-    bos = torch.tensor([reader.bos_token_id] if reader.bos_token_id is not None else [], dtype=torch.int64)
     n_tok = (reader.seq_range[1] - reader.seq_range[0]) * reader.ctx
     owned = reader if not isinstance(acts, ActsReader) else contextlib.nullcontext()
     with owned, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"analyze {reader.hookpoint}") as bar:
@@ -69,10 +69,11 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
             _require_finite(x, reader, int(seq_ids[0]))
             x = x.to(device)
             out = sae(x)
-            keep = ~torch.isin(toks, bos).reshape(-1).to(device)  # [s*seq]
+            # one exclusion set for every number and example: special tokens and massive-activation positions
+            valid = reader.keep_mask(toks).to(device)  # [s, seq]
+            keep = valid.reshape(-1)  # [s*seq]
             metrics.update(x[keep], out.x_hat[keep].float(), out.feature_acts[keep].float())
             if top is not None:
-                valid = ~torch.isin(toks, reader.special_ids).to(device)
                 top.update(seq_ids, out.feature_acts.view(len(seq_ids), reader.ctx, d_sae), valid)
             bar.update(x.shape[0])
         if top is not None:
@@ -276,11 +277,14 @@ def _final_norm_gain(model, d_model: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_token_id: int | None,
-                  batch_size: int = 4, device: str = "cpu") -> ModelMetrics:
-    """CE/KL of the model with the SAE reconstruction (and zeros) spliced in place of the hooked activation.
+                  batch_size: int = 4, device: str = "cpu", mean_act: torch.Tensor | None = None,
+                  excluded_positions: torch.Tensor | None = None) -> ModelMetrics:
+    """CE/KL of the model with the SAE reconstruction (and zeros, and `mean_act` [d_in] when given) spliced in
+    place of the hooked activation.
 
-    input_ids [n, seq]: the windows to run. Positions holding BOS keep their clean activation (the SAE never saw
-    them) and no prediction made at, or of, a BOS token counts.
+    input_ids [n, seq]: the windows to run. Positions holding BOS, and `excluded_positions` [seq] bool (massive
+    activations), keep their clean activation (the SAE never saw them) and no prediction made at, or of, such a
+    position counts.
     """
     from tqdm.auto import tqdm
 
@@ -302,16 +306,25 @@ def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_to
     def with_zero(act: torch.Tensor) -> torch.Tensor:
         return torch.where(keep_pos[..., None], torch.zeros_like(act), act)
 
+    def with_mean(act: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep_pos[..., None], mean_act.to(act.device, act.dtype).expand_as(act), act)
+
     for i in tqdm(range(0, input_ids.shape[0], batch_size), desc="CE/KL splice", unit="batch"):
         ids = input_ids[i:i + batch_size].to(device)
         is_bos = ids == bos_token_id if bos_token_id is not None else torch.zeros_like(ids, dtype=torch.bool)
         keep_pos = ~is_bos
+        if excluded_positions is not None:
+            keep_pos = keep_pos & ~excluded_positions.to(keep_pos.device)[None, :]
         kw = forward_kwargs(model, ids)
         clean = model(**kw).logits
         with splice(model, hp, with_sae):
             logits_sae = model(**kw).logits
         with splice(model, hp, with_zero):
             logits_zero = model(**kw).logits
+        logits_mean = None
+        if mean_act is not None:
+            with splice(model, hp, with_mean):
+                logits_mean = model(**kw).logits
         mask = keep_pos[:, :-1] & keep_pos[:, 1:]  # prediction made at p of token p+1
-        acc.update(ids, clean, logits_sae, logits_zero, mask)
+        acc.update(ids, clean, logits_sae, logits_zero, mask, logits_mean)
     return acc

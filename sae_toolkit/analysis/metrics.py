@@ -201,7 +201,9 @@ class ModelMetrics:
     zeroed (`ce_zero_ablation`, `kl_zero_ablation`), over predicting positions that are evaluated.
 
     ce_loss_recovered = (ce_zero_ablation − ce_sae) / (ce_zero_ablation − ce_clean); delta_ce = ce_sae − ce_clean;
-    kl_sae = mean KL(P_clean ‖ P_sae).
+    kl_sae = mean KL(P_clean ‖ P_sae). With mean-ablated logits too (the activation replaced by its mean over the
+    evaluated tokens): ce_mean_ablation and ce_loss_recovered_mean = (ce_mean_ablation − ce_sae) /
+    (ce_mean_ablation − ce_clean), a stricter baseline than zeros (zeroing also removes the mean direction).
     """
 
     n: int = 0
@@ -210,14 +212,23 @@ class ModelMetrics:
     """Sequences (context windows) run through the model."""
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("ce_clean", "ce_sae", "ce_zero_ablation", "kl_sae", "kl_zero_ablation"), 0.0))
+    n_mean: int = 0
+    """Predictions evaluated with mean-ablated logits too."""
+    sums_mean: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("ce_clean", "ce_sae", "ce_mean_ablation"), 0.0))
+    """Σ over the predictions that also have mean-ablated logits."""
     """Σ of each per-prediction quantity."""
 
     @torch.no_grad()
     def update(self, input_ids: torch.Tensor, logits_clean: torch.Tensor, logits_sae: torch.Tensor,
-               logits_zero: torch.Tensor, mask: torch.Tensor) -> None:
+               logits_zero: torch.Tensor, mask: torch.Tensor, logits_mean: torch.Tensor | None = None) -> None:
         """Add a batch. input_ids [batch, seq]; logits_* [batch, seq, vocab]; mask [batch, seq - 1] selects the
         predictions (made at position p of token p + 1) that count."""
         mask = mask.bool()
+        if logits_mean is not None:
+            for name, logits in (("ce_clean", logits_clean), ("ce_sae", logits_sae), ("ce_mean_ablation", logits_mean)):
+                self.sums_mean[name] += next_token_ce(logits, input_ids)[mask].double().sum().item()
+            self.n_mean += int(mask.sum())
         per_pos = {
             "ce_clean": next_token_ce(logits_clean, input_ids),
             "ce_sae": next_token_ce(logits_sae, input_ids),
@@ -234,8 +245,11 @@ class ModelMetrics:
         """Fold `other` into self; returns self."""
         self.n += other.n
         self.seqs += other.seqs
+        self.n_mean += other.n_mean
         for name, v in other.sums.items():
             self.sums[name] += v
+        for name, v in other.sums_mean.items():
+            self.sums_mean[name] += v
         return self
 
     def compute(self) -> dict[str, float | int]:
@@ -244,6 +258,11 @@ class ModelMetrics:
         m = {name: (v / self.n if self.n else nan) for name, v in self.sums.items()}
         gap = m["ce_zero_ablation"] - m["ce_clean"]
         m["ce_loss_recovered"] = (m["ce_zero_ablation"] - m["ce_sae"]) / gap if gap else nan
+        if self.n_mean:
+            mm = {name: v / self.n_mean for name, v in self.sums_mean.items()}
+            m["ce_mean_ablation"] = mm["ce_mean_ablation"]
+            gap_mean = mm["ce_mean_ablation"] - mm["ce_clean"]
+            m["ce_loss_recovered_mean"] = (mm["ce_mean_ablation"] - mm["ce_sae"]) / gap_mean if gap_mean else nan
         m["delta_ce"] = m["ce_sae"] - m["ce_clean"]
         kl0 = m["kl_zero_ablation"]
         m["kl_div_score"] = (kl0 - m["kl_sae"]) / kl0 if kl0 else nan

@@ -76,12 +76,14 @@ class Report(NamedTuple):
 def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: str | None = None,
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
                  seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
-                 force: bool = False, allow_mismatch: bool = False) -> Path:
+                 force: bool = False, allow_mismatch: bool = False,
+                 outlier_multiple: float | None = 5.0, exclude_first_positions: int = 0) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
     tokens / seq_range limit the evaluated windows. With `model` (a model SPEC), also the logit lens and CE/KL with
-    the SAE spliced in, over the first `ce_windows` evaluated windows (three forwards each).
+    the SAE spliced in, over the first `ce_windows` evaluated windows (four forwards each). outlier_multiple,
+    exclude_first_positions: the massive-activation positions to exclude (activations.outliers).
 
     `out` must be new, empty or an earlier report (files.py); it appears complete or not at all. The SAE must have
     finite weights and match the activations and `model` (compatibility.py) unless allow_mismatch.
@@ -104,12 +106,14 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
     notes = check_model(sae, model, allow_mismatch=allow_mismatch, where=path)
     t0 = time.perf_counter()
     try:
-        reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
+        reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens,
+                             outlier_multiple=outlier_multiple, exclude_first_positions=exclude_first_positions)
     except SAEToolkitError:
         if not allow_mismatch:
             raise
         # another hookpoint of the SAE's width, if the file holds exactly one (check_acts notes the mismatch)
-        reader = ActsReader(acts, None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
+        reader = ActsReader(acts, None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens,
+                             outlier_multiple=outlier_multiple, exclude_first_positions=exclude_first_positions)
     with reader:
         notes += check_acts(sae, reader, allow_mismatch=allow_mismatch, where=path)
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
@@ -125,8 +129,9 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
             s0 = reader.seq_range[0]
             n_ce = min(ce_windows, reader.seq_range[1] - s0)
             ids = reader.tokens(list(range(s0, s0 + n_ce)))
+            mean_act = res.metrics.mean_x.float() if res.metrics.mean_x is not None else None
             acc = model_metrics(sae, mdl, ids, hookpoint=reader.hookpoint, bos_token_id=reader.bos_token_id,
-                                device=device)
+                                device=device, mean_act=mean_act, excluded_positions=reader.excluded_positions)
             model_m = acc.compute()
             notes.append(f"CE/KL over the first {n_ce} of {reader.seq_range[1] - s0} evaluated windows "
                          f"(sequences {s0}..{s0 + n_ce}; raise with --ce-windows)")
@@ -261,8 +266,12 @@ def _metrics_json(sae, res: Scan, model_m: dict, notes: list[str], provenance: d
         "dataset": r.dataset,
         "context_size": r.ctx,
         "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
-        "excluded_token_ids": {"metrics": [] if r.bos_token_id is None else [r.bos_token_id],
-                               "top_activations": r.special_ids.tolist()},
+        # one exclusion set for metrics and top activations alike
+        "excluded_token_ids": r.special_ids.tolist(),
+        "excluded_positions": r.excluded_positions.nonzero().flatten().tolist(),
+        "excluded_tokens": dict(r.n_excluded),
+        "ce_loss_recovered_baseline": "zero ablation: (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean);"
+                                      " ce_loss_recovered_mean uses the mean activation instead of zeros",
         "logit_lens": None if lens is None else lens.note,
         "notes": notes,
         "density_histogram": {"counts": counts, "log10_edges": edges},
@@ -408,9 +417,15 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
              ("dead latents", pct(m["dead_fraction"])), ("MSE", sig(m["mse"])),
              ("cosine sim", num(m["cosine_sim"])), ("L2 ratio", num(m["l2_ratio"]))]
     if "ce_clean" in m:
-        cards += [("CE loss recovered", num(m["ce_loss_recovered"])), ("Δ CE (nats)", num(m["delta_ce"])),
+        cards += [("CE loss recovered (vs zero ablation)", num(m["ce_loss_recovered"])),
+                  ("CE loss recovered (vs mean ablation)", num(m.get("ce_loss_recovered_mean"))),
+                  ("Δ CE (nats)", num(m["delta_ce"])),
                   ("KL(clean‖SAE)", num(m["kl_sae"])), ("CE clean", num(m["ce_clean"]))]
     cards.append(("tokens evaluated", f"{m['tokens_evaluated']:,}"))
+    if m.get("excluded_positions"):
+        cards.append(("massive-activation positions excluded",
+                      f"{', '.join(map(str, m['excluded_positions']))} "
+                      f"({m['excluded_tokens']['outlier_positions']:,} tokens)"))
     title = f"SAE report — {m['hookpoint']}" + (f" of {m['model']}" if m["model"] else "")
     k = f", k={m['k']}" if m.get("k") else ""
     subtitle = (f"{m['arch']} SAE, d_in={m['d_in']}, d_sae={m['d_sae']}{k} · dataset {m['dataset'] or '?'} · "

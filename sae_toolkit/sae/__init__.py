@@ -8,6 +8,7 @@ from sae_toolkit.sae.export import export_saelens
 from sae_toolkit.sae.formats import import_sae, load_sae
 from sae_toolkit.sae.gated import GatedSAE
 from sae_toolkit.sae.jumprelu import JumpReLUSAE
+from sae_toolkit.sae.matryoshka import MatryoshkaSAE
 from sae_toolkit.sae.registry import make_sae, register
 from sae_toolkit.sae.relu import ReLUSAE
 from sae_toolkit.sae.topk import BatchTopKSAE, TopKSAE
@@ -18,6 +19,7 @@ __all__ = [
     "BatchTopKSAE",
     "GatedSAE",
     "JumpReLUSAE",
+    "MatryoshkaSAE",
     "ReLUSAE",
     "SAEConfig",
     "SAEOutput",

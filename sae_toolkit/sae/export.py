@@ -58,11 +58,11 @@ def _saelens_layout(sae) -> tuple[str, dict[str, Tensor], dict[str, object]]:
     base = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.arch == "relu":
         return "standard", base, {}
-    if cfg.arch == "topk" or (cfg.arch == "batchtopk" and sae.threshold < 0):
+    if cfg.arch == "topk" or (cfg.arch in ("batchtopk", "matryoshka") and sae.threshold < 0):
         # a BatchTopK SAE without an estimated threshold encodes with per-token TopK (see BatchTopKSAE.encode)
         return "topk", base, {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    if cfg.arch == "batchtopk":
-        # BatchTopK at inference is a JumpReLU with one shared threshold (SAELens saves it the same way)
+    if cfg.arch in ("batchtopk", "matryoshka"):
+        # BatchTopK (Matryoshka too) at inference is a JumpReLU with one shared threshold (SAELens saves it so)
         return "jumprelu", {**base, "threshold": sae.threshold.expand(cfg.d_sae)}, {}
     if cfg.arch == "jumprelu":
         return "jumprelu", {**base, "threshold": sae.threshold}, {}
@@ -119,9 +119,9 @@ def export_saelens(sae_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
     """Write the SAE in sae_dir (or RUN_DIR/sae) as SAELens' cfg.json + sae_weights.safetensors into out_dir.
 
     `sae_lens.SAE.load_from_disk(out_dir)` then computes the same encode/decode on raw activations: relu →
-    "standard", topk → "topk" (k), batchtopk → "jumprelu" with its inference threshold broadcast to every latent,
-    jumprelu → "jumprelu", gated → "gated" (b_enc saved as b_gate). Normalization is already folded into the
-    weights, so normalize_activations is "none". Returns out_dir.
+    "standard", topk → "topk" (k), batchtopk and matryoshka → "jumprelu" with the inference threshold broadcast to
+    every latent, jumprelu → "jumprelu", gated → "gated" (b_enc saved as b_gate). Normalization is already folded
+    into the weights, so normalize_activations is "none". Returns out_dir.
 
     out_dir must be new, empty or an earlier export (sae_toolkit.files); it appears complete or not at all.
     An SAE with NaN/Inf weights is refused.

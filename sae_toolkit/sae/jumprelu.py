@@ -1,5 +1,5 @@
 """JumpReLU SAEs (Rajamanoharan et al. 2024, "Jumping Ahead"): per-latent thresholds trained with straight-through
-estimators and an L0 penalty."""
+estimators, with Anthropic's January-2025 tanh penalty (default) or the paper's L0 penalty."""
 
 from __future__ import annotations
 
@@ -56,8 +56,12 @@ class _Step(Function):
 class JumpReLUSAE(SAE):
     """f = JumpReLU_θ(W_encᵀx + b_enc) = π·1[π > θ] (θ > 0 per latent),  x̂ = W_decᵀ f + b_dec.
 
-    Loss  ‖x − x̂‖² + λ‖f‖₀ ; the L0 and θ get gradients through straight-through estimators with a rectangle
-    kernel of bandwidth ε (cfg.jumprelu_bandwidth). θ is trained as log θ (kept positive) and saved both as
+    Loss (cfg.jumprelu_loss="tanh", Anthropic "Circuits Updates – January 2025")
+        ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ‖W_dec,i‖) + λ_P Σᵢ ReLU(θᵢ − πᵢ)‖W_dec,i‖,
+    a smooth stand-in for L0 whose gradient reaches θ through the JumpReLU's own straight-through estimator, plus
+    a pre-activation term that keeps latents from dying; or (jumprelu_loss="step", the paper) ‖x − x̂‖² + λ‖f‖₀
+    with the L0's gradient through the step function's estimator. Both estimators use a rectangle kernel of
+    bandwidth ε (cfg.jumprelu_bandwidth). θ is trained as log θ (kept positive) and saved both as
     `threshold` (what other tools read) and `log_threshold` (so a reload is bit-exact). x is not centred by b_dec
     unless cfg.apply_b_dec_to_input.
     """
@@ -80,17 +84,26 @@ class JumpReLUSAE(SAE):
         return pre.relu() * (pre > self.threshold)
 
     def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
-        """Loss of one batch x [batch, d_in]; parts {"mse", "l0"} (λ·sparsity_scale·mean L0). dead_mask unused.
-        MSE = mean over the batch of ‖x − x̂‖² summed over d_in."""
+        """Loss of one batch x [batch, d_in]; parts {"mse", "l0"} (λ·sparsity_scale·mean penalty) + "pre_act"
+        with the tanh loss. dead_mask unused. MSE = mean over the batch of ‖x − x̂‖² summed over d_in."""
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        cfg = self.cfg
         pre = self.pre_acts(x)  # [batch, d_sae]
-        theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
+        theta, eps = self.threshold, cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, theta, eps)
         x_hat = self.decode(f)
-        l0 = self._row_sum(_Step.apply(pre, theta, eps)).mean()
-        parts = {"mse": self._mse(x, x_hat), "l0": self.cfg.l1_coefficient * sparsity_scale * l0}
+        parts = {"mse": self._mse(x, x_hat)}
+        if cfg.jumprelu_loss == "tanh":
+            norms = self.W_dec.norm(dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
+            penalty = self._row_sum(torch.tanh(cfg.jumprelu_tanh_scale * f * norms)).mean()
+            pre_act = self._row_sum((theta - pre).relu() * norms).mean()
+            parts["l0"] = cfg.l1_coefficient * sparsity_scale * penalty
+            parts["pre_act"] = cfg.jumprelu_pre_act_coefficient * pre_act
+        else:
+            l0 = self._row_sum(_Step.apply(pre, theta, eps)).mean()
+            parts["l0"] = cfg.l1_coefficient * sparsity_scale * l0
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 

@@ -146,6 +146,11 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg, device=device)
         # < 0 means "not estimated yet": encode then falls back to per-token TopK.
         self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=self.W_enc.dtype))
+        self.per_token_selection = False
+        """Training state set by the trainer (not saved): select per token, as TopK, instead of over the batch.
+        At initialisation the batch-wide selection gives all latents to the highest-norm tokens, i.e. to mixtures
+        of many features, and the decoder settles on those mixtures (issue-11 toy: MMCS 0.86 against TopK's
+        0.996); a short per-token start lets every token teach its own features first."""
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., d_in] → [..., d_sae]. Eval mode: ReLU(π)·1[π > θ] per token. Train mode: BatchTopK over all
@@ -162,11 +167,12 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold)
 
     def _select(self, pre: Tensor) -> SparseActs:
-        return batch_topk_code(pre, self.cfg.k)
+        return topk_code(pre, self.cfg.k) if self.per_token_selection else batch_topk_code(pre, self.cfg.k)
 
     @torch.no_grad()
     def _after_batch(self, main: SparseActs) -> None:
-        if not self.training:
+        if not self.training or self.per_token_selection:
+            # per-token selections keep smaller activations than the batch-wide one will: θ would start too low
             return
         # all tensor ops (no host sync on GPU): a batch without positive activations leaves θ as it is
         vals = main.vals.detach().to(self.threshold.dtype)

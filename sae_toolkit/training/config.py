@@ -24,18 +24,23 @@ class TrainConfig:
     """Activation file (HDF5, DESIGN.md §3)."""
     hookpoint: str
     """Dataset under acts/ to train on."""
-    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"]
     """SAE architecture."""
     expansion: int = 8
     """d_sae = expansion · d_in (ignored when n_features is set)."""
     n_features: int | None = None
     """d_sae, overriding expansion."""
     k: int = 32
-    """Active latents per token (topk; mean per token for batchtopk). Unused by the other archs."""
+    """Active latents per token (topk; mean per token for batchtopk, matryoshka). Unused by the other archs."""
     l1_coefficient: float | None = None
-    """Sparsity coefficient λ (relu, gated: L1; jumprelu: L0). None: the arch default for normalized inputs."""
+    """Sparsity coefficient λ (relu, gated: L1; jumprelu: tanh/L0). None: the arch default for normalized inputs;
+    with target_l0, the starting value."""
+    target_l0: float | None = None
+    """relu, gated, jumprelu: steer λ during training so the run ends at this mean L0 (the final λ is saved in
+    the SAE's cfg.json)."""
     lr: float | None = None
-    """Adam learning rate. None: 2e-4 · sqrt(2^14 / d_sae) (Gao et al. 2024)."""
+    """Adam learning rate. None: 2e-4 · sqrt(2^14 / d_sae) (Gao et al. 2024) times a per-arch factor
+    (schedules.default_lr)."""
     batch_size: int = 4096
     """Tokens per step."""
     tokens: int | None = None
@@ -56,6 +61,11 @@ class TrainConfig:
     defaults carry across models and layers."""
     exclude_bos: bool = True
     """Skip BOS positions (their activations are huge outliers that waste latents)."""
+    outlier_multiple: float | None = 5.0
+    """Exclude massive-activation positions (attention sinks): window positions whose median activation norm is
+    above this multiple of the overall median (activations/outliers.py). None or 0: keep them."""
+    exclude_first_positions: int = 0
+    """Also exclude the first N positions of every window."""
     in_memory: bool | Literal["auto"] = "auto"
     """Load the usable rows into RAM (full shuffle each pass); auto: when they take at most half the available RAM
     in the file's dtype."""
@@ -68,7 +78,7 @@ class TrainConfig:
     """Rows sampled for the b_dec initialisation."""
 
     lr_warmup_steps: int | None = None
-    """Linear lr warm-up. None: min(1000, 5% of the steps)."""
+    """Linear lr warm-up. None: min(1000, 5% of the steps) for the TopK family, 0 for relu, gated, jumprelu."""
     lr_decay: Literal["linear", "cosine", "none"] = "linear"
     """Decay to ~0 over the last lr_decay_fraction of training."""
     lr_decay_fraction: float = 0.2
@@ -78,7 +88,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam β1, β2."""
     max_grad_norm: float | None = None
-    """Clip the gradient norm to this value (None: no clipping)."""
+    """Clip the gradient norm to this value. None: 1 for relu with decoder_norm_penalty (Anthropic April 2024),
+    else no clipping."""
     autocast: bool = True
     """bf16 autocast on CUDA (weights and Adam state stay fp32). No effect on CPU."""
     compile: bool = False
@@ -93,6 +104,14 @@ class TrainConfig:
     """topk/batchtopk: AuxK loss weight (0 disables AuxK)."""
     multi_topk: bool = False
     """topk: add the Multi-TopK loss L(4k)/8."""
+    topk_start_fraction: float = 0.5
+    """batchtopk, matryoshka: share of training (at the start) that selects the top k per token, as TopK, before
+    the batch-wide selection takes over (see BatchTopKSAE.per_token_selection)."""
+    jumprelu_loss: Literal["tanh", "step"] = "tanh"
+    """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
+    estimator of Rajamanoharan et al. 2024."""
+    matryoshka_groups: tuple[int, ...] | None = None
+    """matryoshka: nested group sizes summing to d_sae. None: two halves (see SAEConfig.matryoshka_groups)."""
 
     dead_window_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
@@ -133,7 +152,7 @@ class TrainConfig:
             raise SAEToolkitError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be a non-negative integer")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise SAEToolkitError(f"lr={self.lr!r} must be a positive number, e.g. 2e-4")
-        for name in ("lr_decay_fraction", "l1_warmup_fraction"):
+        for name in ("lr_decay_fraction", "l1_warmup_fraction", "topk_start_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SAEToolkitError(f"{name}={getattr(self, name)!r} must be between 0 and 1")
         self.resample_fractions = tuple(float(f) for f in self.resample_fractions)
@@ -144,6 +163,22 @@ class TrainConfig:
         if self.resample and self.arch != "relu":
             raise SAEToolkitError(f"resample applies to relu SAEs, not {self.arch!r} (topk/batchtopk revive dead "
                                   "latents with AuxK); set resample=False")
+        if self.target_l0 is not None:
+            if self.arch not in ("relu", "gated", "jumprelu"):
+                raise SAEToolkitError(f"target_l0 steers the sparsity coefficient of relu, gated and jumprelu; arch "
+                                      f"{self.arch!r} sets its L0 with k (pass --k {int(self.target_l0)} instead)")
+            if not (isinstance(self.target_l0, (int, float)) and 0 < self.target_l0 < math.inf):
+                raise SAEToolkitError(f"target_l0={self.target_l0!r} must be a positive number, e.g. 32")
+        if self.max_grad_norm is None and self.decoder_norm_penalty:
+            self.max_grad_norm = 1.0
+        if self.decoder_norm_penalty and self.arch != "relu":
+            raise SAEToolkitError(f"decoder_norm_penalty is the relu April-2024 variant, not for arch {self.arch!r}")
+        if self.jumprelu_loss not in ("tanh", "step"):
+            raise SAEToolkitError(f"jumprelu_loss={self.jumprelu_loss!r}; choose 'tanh' or 'step'")
+        if self.matryoshka_groups is not None:
+            if self.arch != "matryoshka":
+                raise SAEToolkitError(f"matryoshka_groups is a matryoshka option, not for arch {self.arch!r}")
+            self.matryoshka_groups = tuple(int(g) for g in self.matryoshka_groups)
         if self.seq_range is not None:
             if len(self.seq_range) != 2 or not 0 <= int(self.seq_range[0]) < int(self.seq_range[1]):
                 raise SAEToolkitError(f"seq_range={self.seq_range!r} must be (start, stop) with 0 <= start < stop")

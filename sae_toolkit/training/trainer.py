@@ -19,13 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sae_toolkit import __version__
+from sae_toolkit.activations.outliers import describe as describe_positions
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import MARKER, only_names, remove_owned, replace_dir, write_marker
 from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
+from sae_toolkit.sae.config import TOPK_FAMILY
 from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -36,7 +39,8 @@ from sae_toolkit.training.checkpoint import (
 from sae_toolkit.training.config import RESUMABLE_CHANGES, TrainConfig
 from sae_toolkit.training.divergence import NonFiniteGuard
 from sae_toolkit.training.memory import check_fits
-from sae_toolkit.training.schedules import default_lr, lr_at, sparsity_scale_at
+from sae_toolkit.training.schedules import default_lr, default_warmup_steps, lr_at, sparsity_scale_at
+from sae_toolkit.training.sparsity import L0Controller, controller_gain
 from sae_toolkit.units import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
@@ -93,7 +97,8 @@ class Trainer:
         self.store = store if store is not None else ActivationStore(
             cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
             seq_range=cfg.seq_range, exclude_bos=cfg.exclude_bos, normalize=cfg.normalize,
-            in_memory=cfg.in_memory, prefetch=cfg.prefetch)
+            in_memory=cfg.in_memory, prefetch=cfg.prefetch, outlier_multiple=cfg.outlier_multiple,
+            exclude_first_positions=cfg.exclude_first_positions)
         try:
             self._build(checkpoint)
         except BaseException:
@@ -110,8 +115,8 @@ class Trainer:
             raise SAEToolkitError(f"--tokens {self.total_tokens} is less than one batch of {cfg.batch_size}; "
                                   "raise --tokens or lower --batch-size")
         check_fits(self.d_in, self.d_sae, cfg.batch_size, self.device)
-        self.lr = cfg.lr or default_lr(self.d_sae)
-        self.warmup_steps = (min(1000, self.total_steps // 20) if cfg.lr_warmup_steps is None
+        self.lr = cfg.lr or default_lr(self.d_sae, cfg.arch)
+        self.warmup_steps = (default_warmup_steps(cfg.arch, self.total_steps) if cfg.lr_warmup_steps is None
                              else cfg.lr_warmup_steps)
         self.dead_window = cfg.dead_window_tokens or max(cfg.batch_size, min(10_000_000, self.total_tokens // 8))
         self.resample_steps = ({round(f * self.total_steps) for f in cfg.resample_fractions} - {0}
@@ -127,6 +132,8 @@ class Trainer:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
                                     fused=self.device.type in ("cuda", "cpu"))  # CPU: 3.3x foreach
         self.step = 0
+        self.l0_controller = (L0Controller(cfg.target_l0, gain=controller_gain(self.total_steps), device=self.device)
+                              if cfg.target_l0 is not None else None)
         self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.guard = NonFiniteGuard(self.device)
@@ -163,13 +170,15 @@ class Trainer:
 
     def _sae_config(self) -> SAEConfig:
         cfg = self.cfg
-        topk_family = cfg.arch in ("topk", "batchtopk")
+        topk_family = cfg.arch in TOPK_FAMILY
         return SAEConfig(
             arch=cfg.arch, d_in=self.d_in, d_sae=self.d_sae, k=cfg.k if topk_family else None,
             hookpoint=cfg.hookpoint, model=self.store.model, l1_coefficient=cfg.l1_coefficient,
             decoder_norm_penalty=cfg.decoder_norm_penalty, k_aux=cfg.k_aux if topk_family else None,
-            aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk,
+            aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk, jumprelu_loss=cfg.jumprelu_loss,
+            matryoshka_groups=list(cfg.matryoshka_groups) if cfg.matryoshka_groups else None,
             extra={"train_tokens": self.total_tokens, "train_steps": self.total_steps,
+                   "excluded_positions": np.flatnonzero(self.store.excluded_positions).tolist(),
                    "acts": str(cfg.acts), "seq_range": list(self.store.seq_range)})
 
     def _start_run(self) -> None:
@@ -181,7 +190,10 @@ class Trainer:
         resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
                     "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
                     "dead_window_tokens": self.dead_window, "scale": self.store.scale,
-                    "usable_rows": self.store.n_rows, "device": str(self.device), "toolkit_version": __version__}
+                    "usable_rows": self.store.n_rows,
+                    "excluded_positions": np.flatnonzero(self.store.excluded_positions).tolist(),
+                    "excluded_outlier_rows": self.store.n_outlier_rows, "device": str(self.device),
+                    "toolkit_version": __version__}
         _write_atomic(self.run_dir / "train_config.json",
                       json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
         (self.run_dir / "metrics.jsonl").write_text("")
@@ -202,6 +214,8 @@ class Trainer:
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         optimizer_from_flat(self.opt, tensors, state["optimizer"])
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        if self.l0_controller is not None:
+            self.l0_controller.log_scale.copy_(tensors["sparsity.log_scale"])
         self.generator.set_state(tensors["rng.resample"].cpu())
         self.store.load_state_dict(state["store"])
         self.step = int(state["step"])
@@ -221,7 +235,8 @@ class Trainer:
         cfg = self.cfg
         print(f"training {cfg.arch} SAE d_in={self.d_in} d_sae={self.d_sae} on {self.total_tokens:,} tokens "
               f"({self.total_steps} steps of {cfg.batch_size}; {self.total_tokens / self.store.n_rows:.2f} passes over "
-              f"{self.store.n_rows:,} usable rows) "
+              f"{self.store.n_rows:,} usable rows; massive-activation "
+              f"{describe_positions(self.store.excluded_positions)} excluded: {self.store.n_outlier_rows:,} rows) "
               f"on {self.device} → {self.run_dir}")
         bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
                    unit_scale=True, desc=f"train {cfg.arch}", dynamic_ncols=True)
@@ -253,19 +268,32 @@ class Trainer:
         return self.run_dir
 
     def train_one(self, x: torch.Tensor) -> TrainOutput:
-        """One update at the current step's lr and λ scale; updates the dead-latent counters."""
-        scale = sparsity_scale_at(self.step, self.total_steps, self.cfg.l1_warmup_fraction)
-        if self._loss_fn is not None:  # a tensor, or every new float value would recompile the graph
-            scale = torch.tensor(scale, device=self.device)
+        """One update at the current step's lr and λ scale; updates the dead-latent counters (and λ for a target L0)."""
+        sparsity_scale = sparsity_scale_at(self.step, self.total_steps, self.cfg.l1_warmup_fraction)
+        steer = self.l0_controller is not None and sparsity_scale == 1.0
+        if self.l0_controller is not None:
+            sparsity_scale = sparsity_scale * self.l0_controller.scale()
+        if self._loss_fn is not None and not isinstance(sparsity_scale, torch.Tensor):
+            # a tensor, or every new float value would recompile the graph
+            sparsity_scale = torch.tensor(sparsity_scale, device=self.device)
+        if hasattr(self.sae, "per_token_selection"):  # BatchTopK family: per-token TopK start
+            self.sae.per_token_selection = self.step < round(self.cfg.topk_start_fraction * self.total_steps)
         out = train_step(
             self.sae, self.opt, x,
             lr=lr_at(self.step, self.total_steps, self.lr, warmup_steps=self.warmup_steps,
                      decay=self.cfg.lr_decay, decay_fraction=self.cfg.lr_decay_fraction),
             dead_mask=self.dead_mask(),
-            sparsity_scale=scale, autocast=self.cfg.autocast and self.device.type == "cuda",
+            sparsity_scale=sparsity_scale, autocast=self.cfg.autocast and self.device.type == "cuda",
             max_grad_norm=self.cfg.max_grad_norm, loss_fn=self._loss_fn)
         self.tokens_since_fired = torch.where(out.fired, 0, self.tokens_since_fired + x.shape[0])
+        if steer:
+            self.l0_controller.update_(out.l0)
         return out
+
+    def sparsity_coefficient(self) -> float:
+        """λ the run uses now (after any target-L0 steering), without the warm-up ramp."""
+        base = self.sae.cfg.l1_coefficient
+        return base * float(self.l0_controller.scale()) if self.l0_controller is not None else base
 
     def dead_mask(self) -> torch.Tensor:
         """[d_sae] bool: latents that have not fired in the last `dead_window` tokens."""
@@ -298,6 +326,7 @@ class Trainer:
             "dead_fraction": self.dead_mask().float().mean().item(),
             "lr": self.opt.param_groups[0]["lr"],
             "sparsity_scale": sparsity_scale_at(self.step - 1, self.total_steps, self.cfg.l1_warmup_fraction),
+            "l1_coefficient": self.sparsity_coefficient(),
             "epoch": self.store.epoch,
             "tokens_per_s": (self.step - self._tick[1]) * self.cfg.batch_size / max(now - self._tick[0], 1e-9),
         })
@@ -348,6 +377,8 @@ class Trainer:
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors.update(opt_tensors)
         tensors.update({"tokens_since_fired": self.tokens_since_fired, "rng.resample": self.generator.get_state()})
+        if self.l0_controller is not None:
+            tensors["sparsity.log_scale"] = self.l0_controller.log_scale
         state = {"step": self.step, "total_steps": self.total_steps, "store": self.store.state_dict(),
                  "optimizer": opt_meta, "sae_cfg": self.sae.cfg.to_dict(), "train_config": self.cfg.to_dict(),
                  "toolkit_version": __version__}
@@ -356,6 +387,10 @@ class Trainer:
     def save_sae(self) -> Path:
         """Write RUN_DIR/sae with the activation scale folded in, so it works on raw activations."""
         sae = copy.deepcopy(self.sae)
+        if self.l0_controller is not None:
+            # the steered λ, so the saved config says what the run ended with (λ is in normalized units)
+            sae.cfg.l1_coefficient = self.sparsity_coefficient()
+            sae.cfg.extra["target_l0"] = self.cfg.target_l0
         sae.fold_scale_(self.store.scale)
         final, tmp = self.run_dir / "sae", self.run_dir / ".tmp-sae"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -213,3 +213,27 @@ def test_model_metrics_perfect_sae_and_zero_ablation(tiny_llama, tmp_path):
     finally:
         handle.remove()
     assert m["ce_zero_ablation"] == pytest.approx(next_token_ce(zero, ids)[mask].double().mean().item(), rel=1e-5)
+
+
+def test_model_metrics_mean_ablation_baseline(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    path = tiny_model_file(tmp_path / "t.h5", n_seqs=3, ctx=24)
+    ids = ActsReader(path, tokenizer=None).tokens()
+    mean_act = torch.randn(64)
+    excluded = torch.zeros(24, dtype=torch.bool)
+    excluded[3] = True  # a massive-activation position keeps its clean activation and is not scored
+    m = model_metrics(perfect_relu_sae(64), model, ids, hookpoint="mlp_out.1", bos_token_id=tok.bos_token_id,
+                      mean_act=mean_act, excluded_positions=excluded).compute()
+    keep = (ids != tok.bos_token_id) & ~excluded[None, :]
+    mask = keep[:, :-1] & keep[:, 1:]
+    assert m["model_tokens"] == int(mask.sum())
+    mlp = model.model.layers[1].mlp
+    handle = mlp.register_forward_hook(lambda mod, args, out: torch.where(keep[..., None], mean_act, out))
+    try:
+        with torch.no_grad():
+            mean_logits = model(ids).logits
+    finally:
+        handle.remove()
+    want = next_token_ce(mean_logits, ids)[mask].double().mean().item()
+    assert m["ce_mean_ablation"] == pytest.approx(want, rel=1e-5)
+    assert m["ce_loss_recovered_mean"] == pytest.approx(1.0, abs=1e-3)  # a perfect SAE recovers it all

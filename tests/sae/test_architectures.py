@@ -55,7 +55,7 @@ def test_training_loss_contract(arch):
     assert out.fired.dtype == torch.bool and out.fired.shape == (D_SAE,)
     torch.testing.assert_close(out.loss, sum(out.parts.values()))
     assert float(out.parts["mse"].detach()) == pytest.approx(float(mse(x, out.x_hat).detach()))
-    if arch != "batchtopk":  # BatchTopK trains on a batch-level selection, not the per-token encode
+    if arch not in ("batchtopk", "matryoshka"):  # batch-level selection in training, not the per-token encode
         with torch.no_grad():
             f = sae.encode(x)
         torch.testing.assert_close(out.x_hat.detach(), sae.decode(f).detach())
@@ -78,7 +78,7 @@ def test_relu_loss_formulas():
 
 
 def test_jumprelu_straight_through_gradients():
-    sae = randomized("jumprelu", seed=1, jumprelu_bandwidth=0.5)
+    sae = randomized("jumprelu", seed=1, jumprelu_bandwidth=0.5, jumprelu_loss="step")
     x = torch.randn(64, D_IN, dtype=torch.float64)
     out = sae.training_loss(x)
     pre = pre_acts_ref(sae, x).detach()
@@ -94,6 +94,27 @@ def test_jumprelu_straight_through_gradients():
     assert got["log_threshold"].abs().gt(0).any()
     # the L0 term sends nothing to the encoder: its gradient comes from the MSE alone
     torch.testing.assert_close(grads_of(sae, out.parts["l0"])["W_enc"], torch.zeros_like(sae.W_enc))
+
+
+def test_jumprelu_tanh_loss_anthropic_2025():
+    sae = randomized("jumprelu", seed=1, jumprelu_bandwidth=0.5)
+    assert sae.cfg.jumprelu_loss == "tanh"
+    x = torch.randn(64, D_IN, dtype=torch.float64)
+    out = sae.training_loss(x, sparsity_scale=0.5)
+    pre = pre_acts_ref(sae, x).detach()
+    theta, c, lam = sae.threshold.detach(), sae.cfg.jumprelu_tanh_scale, sae.cfg.l1_coefficient
+    f = pre * (pre > theta)
+    norms = sae.W_dec.norm(dim=-1).detach()
+    torch.testing.assert_close(out.parts["l0"].detach(), 0.5 * lam * torch.tanh(c * f * norms).sum(-1).mean())
+    want_pre = sae.cfg.jumprelu_pre_act_coefficient * ((theta - pre).relu() * norms).sum(-1).mean()
+    torch.testing.assert_close(out.parts["pre_act"].detach(), want_pre)
+    # unlike the step loss, the penalty reaches the encoder (through f) and the thresholds (through the estimator)
+    g = grads_of(sae, out.parts["l0"])
+    assert g["W_enc"].abs().sum() > 0 and g["log_threshold"].abs().sum() > 0
+    # raising λ pushes thresholds up: the penalty's gradient on log θ is never positive
+    assert (g["log_threshold"] <= 0).all()
+    # the pre-activation term pulls latents below threshold up: its gradient on b_enc is never positive
+    assert (grads_of(sae, out.parts["pre_act"])["b_enc"] <= 0).all()
 
 
 def test_gated_aux_loss_trains_only_the_gate_path():
@@ -224,6 +245,7 @@ def test_safetensors_names_follow_the_papers(tmp_path):
         "relu": {"W_enc", "b_enc", "W_dec", "b_dec"},
         "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
         "batchtopk": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+        "matryoshka": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
         "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold"},
         "gated": {"W_enc", "b_enc", "W_dec", "b_dec", "r_mag", "b_mag"},
     }

@@ -18,7 +18,8 @@ SAELENS_TENSORS = {
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"},
 }
-EXPECTED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+EXPECTED_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
+                 "matryoshka": "jumprelu"}
 
 
 def saelens_forward(cfg: dict, w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
