@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from sae_toolkit.activations.store import ActivationStore
@@ -43,13 +44,15 @@ class StoreSet:
 
     def __init__(self, acts: str, hookpoints: list[str], *, batch_size: int, device: torch.device, seed: int,
                  seq_range: tuple[int, int] | None, exclude_bos: bool, normalize: bool,
-                 in_memory: bool | Literal["auto"], prefetch: int):
+                 in_memory: bool | Literal["auto"], prefetch: int, outlier_multiple: float | None = 5.0,
+                 exclude_first_positions: int = 0):
         self.stores: dict[str, ActivationStore] = {}
         try:
             for hp in hookpoints:
                 self.stores[hp] = ActivationStore(
                     acts, hp, batch_size=batch_size, device=device, seed=seed, seq_range=seq_range,
-                    exclude_bos=exclude_bos, normalize=normalize, in_memory=in_memory, prefetch=prefetch)
+                    exclude_bos=exclude_bos, normalize=normalize, in_memory=in_memory, prefetch=prefetch,
+                    outlier_multiple=outlier_multiple, exclude_first_positions=exclude_first_positions)
         except BaseException:
             self.close()
             raise
@@ -57,6 +60,9 @@ class StoreSet:
         self.model, self.n_rows, self.seq_range = first.model, first.n_rows, first.seq_range
         self.d = {hp: s.d_in for hp, s in self.stores.items()}
         self.raw_mean_norm = {hp: math.sqrt(s.d_in) / s.scale for hp, s in self.stores.items()}
+        # massive-activation positions (activations/outliers.py) excluded from any of the hookpoints
+        self.excluded_positions = np.logical_or.reduce([s.excluded_positions for s in self.stores.values()])
+        self.n_outlier_rows = max(s.n_outlier_rows for s in self.stores.values())
 
     @property
     def scale(self) -> dict[str, float]:
@@ -101,6 +107,10 @@ class SharedBatches:
         self.d = dict(parts[0].d)
         self.model = parts[0].model
         self.n_rows = n_rows
+        # Streams from the model exclude no outlier positions (only BOS/special tokens): see the README's limits.
+        found = [p.excluded_positions for p in parts if hasattr(p, "excluded_positions")]
+        self.excluded_positions = np.logical_or.reduce(found) if found else np.zeros(0, dtype=bool)
+        self.n_outlier_rows = ctx.sum_int(sum(getattr(p, "n_outlier_rows", 0) for p in parts))
         if normalize:
             total = len(parts) * ctx.world_size
             scale = {}
@@ -160,6 +170,8 @@ class HookpointView:
         self.model = shared.model
         self.n_rows = shared.n_rows
         self.seq_range = seq_range or (0, 0)
+        self.excluded_positions = shared.excluded_positions
+        self.n_outlier_rows = shared.n_outlier_rows
 
     @property
     def scale(self) -> float:
@@ -188,7 +200,8 @@ class HookpointView:
 def open_shared(*, acts: str | None, stream: StreamConfig | None, hookpoints: list[str], batch_size: int,
                 device: torch.device, seed: int, seq_range: tuple[int, int] | None, exclude_bos: bool,
                 normalize: bool, in_memory: bool | Literal["auto"], prefetch: int, tokens: int | None,
-                ctx: DistContext, n_parts: int = 1) -> SharedBatches:
+                ctx: DistContext, n_parts: int = 1, outlier_multiple: float | None = 5.0,
+                exclude_first_positions: int = 0) -> SharedBatches:
     """The data of this process: part `ctx.rank` of `ctx.world_size` under torchrun, else parts 0..n_parts-1.
 
     `batch_size` is the global batch; each part gives `batch_size / (parts in all)` rows per step.
@@ -220,7 +233,8 @@ def open_shared(*, acts: str | None, stream: StreamConfig | None, hookpoints: li
                 shard = (lo + (hi - lo) * r // total_parts, lo + (hi - lo) * (r + 1) // total_parts)
                 parts.append(StoreSet(acts, hookpoints, batch_size=rows, device=device, seed=seed, seq_range=shard,
                                       exclude_bos=exclude_bos, normalize=normalize, in_memory=in_memory,
-                                      prefetch=prefetch))
+                                      prefetch=prefetch, outlier_multiple=outlier_multiple,
+                                      exclude_first_positions=exclude_first_positions))
             n_rows = ctx.sum_int(sum(p.n_rows for p in parts))  # type: ignore[attr-defined]  # StoreSet has n_rows
         return SharedBatches(parts, ctx, normalize=normalize, n_rows=n_rows)
     except BaseException:

@@ -86,7 +86,8 @@ def train_sweep(configs: list[TrainConfig], *, stream: StreamConfig | None = Non
         acts=None if stream is not None else first.acts, stream=stream, hookpoints=hookpoints,
         batch_size=first.batch_size, device=device, seed=first.seed, seq_range=first.seq_range,
         exclude_bos=first.exclude_bos, normalize=first.normalize, in_memory=first.in_memory,
-        prefetch=first.prefetch, tokens=first.tokens, ctx=ctx, n_parts=n_parts)
+        prefetch=first.prefetch, tokens=first.tokens, ctx=ctx, n_parts=n_parts,
+        outlier_multiple=first.outlier_multiple, exclude_first_positions=first.exclude_first_positions)
     try:
         source = None if stream is None else stream.to_dict()
         if stream is not None and ctx.is_main:
