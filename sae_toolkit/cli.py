@@ -64,10 +64,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from sae_toolkit.training.trainer import TrainConfig, train_sae
 
+    if args.arch is None and not args.target:
+        raise SAEToolkitError("--arch is required for an SAE (relu|topk|batchtopk|jumprelu|gated); transcoders "
+                              "(--target) default to topk")
     cfg = TrainConfig(
         acts=args.acts,
         hookpoint=args.hookpoint,
-        arch=args.arch,
+        arch=args.arch or "topk",
+        target=args.target or "",
+        skip=args.skip,
         expansion=args.expansion,
         n_features=args.n_features,
         k=args.k,
@@ -142,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an SAE on cached activations")
     t.add_argument("acts", help="activation .h5 file")
     t.add_argument("--hookpoint", required=True)
-    t.add_argument("--arch", required=True, choices=["relu", "topk", "batchtopk", "jumprelu", "gated"])
+    t.add_argument("--arch", default=None, choices=["relu", "topk", "batchtopk", "jumprelu", "gated"],
+                   help="required for an SAE; a transcoder (--target) defaults to topk")
+    t.add_argument("--target", default=None, help="train a transcoder predicting this hookpoint from --hookpoint")
+    t.add_argument("--skip", action="store_true", help="transcoder with a learned linear skip path W_skip x")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--expansion", type=int, default=8, help="d_sae = expansion * d_in")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")

@@ -10,6 +10,7 @@ from sae_toolkit.sae.jumprelu import JumpReLUSAE
 from sae_toolkit.sae.registry import make_sae, register
 from sae_toolkit.sae.relu import ReLUSAE
 from sae_toolkit.sae.topk import BatchTopKSAE, TopKSAE
+from sae_toolkit.sae.transcoder import fold_scales_, load_saelens_transcoder
 
 load_sae = SAE.load
 """Friendly alias: load_sae(path, device="cpu") → the SAE in an SAE directory (or RUN_DIR/sae)."""
@@ -26,6 +27,8 @@ __all__ = [
     "TopKSAE",
     "TrainOutput",
     "export_saelens",
+    "fold_scales_",
+    "load_saelens_transcoder",
     "load_sae",
     "make_sae",
     "register",

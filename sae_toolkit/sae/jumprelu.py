@@ -79,18 +79,20 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one batch x [batch, d_in]; parts {"mse", "l0"} (λ·sparsity_scale·mean L0). dead_mask unused.
         MSE = mean over the batch of ‖x − x̂‖² summed over d_in."""
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        y = self._target(x, target)
         pre = self.pre_acts(x)  # [batch, d_sae]
         theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, theta, eps)
-        x_hat = self.decode(f)
+        x_hat = self.decode(f) + self.skip_out(x) if self.cfg.skip else self.decode(f)
         l0 = self._row_sum(_Step.apply(pre, theta, eps)).mean()
-        parts = {"mse": self._mse(x, x_hat), "l0": self.cfg.l1_coefficient * sparsity_scale * l0}
+        parts = {"mse": self._mse(y, x_hat), "l0": self.cfg.l1_coefficient * sparsity_scale * l0}
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 

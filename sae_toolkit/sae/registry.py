@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +17,22 @@ from sae_toolkit.sae.config import SAEConfig
 
 _CLASSES: dict[str, type] = {}
 C = TypeVar("C", bound=type)
+
+Loader = Callable[[Path, dict[str, Any], Any], nn.Module | None]
+"""(SAE directory, its cfg.json dict, device) → the loaded SAE, or None when the directory is not its format."""
+_LOADERS: list[Loader] = []
+
+
+def register_loader(fn: Loader) -> Loader:
+    """Decorator: let `SAE.load` try `fn` on every directory before reading it as sae-toolkit's own format."""
+    if fn not in _LOADERS:
+        _LOADERS.append(fn)
+    return fn
+
+
+def foreign_loaders() -> list[Loader]:
+    """The loaders registered with `register_loader`, in registration order."""
+    return list(_LOADERS)
 
 
 def register(cls: C) -> C:
