@@ -127,6 +127,7 @@ def _from_saelens(path: Path, d: dict[str, Any], device: str | torch.device) -> 
         hookpoint=str(meta.get("hf_hook_name") or meta.get("hook_name") or d.get("hook_name") or ""),
         target=str(meta.get("hf_hook_name_out") or d.get("hook_name_out") or meta.get("hook_name_out") or "?"),
         skip=skip, model=str(meta.get("model_name") or d.get("model_name") or ""),
+        dtype=str(d.get("dtype", "float32")).removeprefix("torch."),
         apply_b_dec_to_input=False, normalize_decoder=False,  # foreign weights are taken as they are
         act_scale=float(meta.get("sae_toolkit_act_scale", 1.0)),
         extra={"source": "saelens", "saelens_architecture": arch},

@@ -213,7 +213,7 @@ class Trainer:
                 if self.step in self.resample_steps:
                     self.resample(bar)
                 x, y = split_batch(self.store.next_batch())  # y: a transcoder's target, else None
-                out = self.train_one(x, y)
+                out = self.train_one(x) if y is None else self.train_one(x, y)  # one-argument overrides still work
                 self.step += 1
                 bar.update(cfg.batch_size)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
