@@ -121,7 +121,7 @@ class WeightStats(NamedTuple):
     """Per-latent statistics of the weights alone."""
 
     enc_dec_cos: torch.Tensor
-    """[d_sae] cosine between encoder column W_enc[:, i] and decoder row W_dec[i]."""
+    """[d_sae] cosine between encoder column W_enc[:, i] and decoder row W_dec[i] (NaN for transcoders)."""
     dec_norm: torch.Tensor
     """[d_sae] ‖W_dec[i]‖."""
     nearest: torch.Tensor
@@ -137,8 +137,9 @@ def weight_stats(sae, chunk: int = 1024) -> WeightStats:
     W_enc = sae.W_enc.detach().float()  # [d_in, d_sae]
     dec_n = torch.nn.functional.normalize(W_dec, dim=-1)
     enc_n = torch.nn.functional.normalize(W_enc.T, dim=-1)
-    # a transcoder's encoder and decoder live in different spaces: their cosine means nothing unless widths agree
-    enc_dec = (dec_n * enc_n).sum(-1) if enc_n.shape == dec_n.shape else torch.full((W_dec.shape[0],), float("nan"))
+    # a transcoder's encoder and decoder live in different spaces (mlp_in, mlp_out): their cosine means nothing
+    transcoder = bool(getattr(getattr(sae, "cfg", None), "target", ""))
+    enc_dec = torch.full((W_dec.shape[0],), float("nan")) if transcoder else (dec_n * enc_n).sum(-1)
     d_sae = W_dec.shape[0]
     nearest = torch.zeros(d_sae, dtype=torch.int64)
     nearest_cos = torch.zeros(d_sae)
