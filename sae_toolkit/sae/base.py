@@ -85,8 +85,8 @@ class SAE(nn.Module, ABC):
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         if cfg.decoder_norm_penalty:
             W_dec *= 0.1
-        # A transcoder's input and output spaces differ, so its encoder cannot start as the decoder transpose
-        # unless the widths agree; then it still does (a fine start: the skip path starts at zero anyway).
+        # A transcoder whose input and output widths differ cannot start its encoder as the decoder transpose;
+        # it gets its own random unit columns. Equal widths keep the transpose start.
         W_enc = W_dec.T if cfg.d_out == cfg.d_in else _unit_columns(cfg.d_in, cfg.d_sae, device)
         self.W_enc = nn.Parameter(W_enc.contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
