@@ -106,10 +106,17 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from sae_toolkit.training.trainer import TrainConfig, train_sae
 
+    if args.arch is None:
+        if not args.target:
+            raise SAEToolkitError("--arch is required for an SAE (relu|topk|batchtopk|jumprelu|gated|matryoshka); "
+                                  "transcoders (--target) default to topk")
+        args.arch = ["topk"]
     cfg = TrainConfig(
         acts=args.acts or "",
         hookpoint=args.hookpoint[0],
         arch=args.arch[0],
+        target=args.target or "",
+        skip=args.skip,
         expansion=args.expansion[0],
         n_features=args.n_features,
         k=args.k[0],
@@ -149,6 +156,9 @@ def _train_many(args: argparse.Namespace, base) -> bool:
         raise SAEToolkitError("no activations: pass an .h5 file, or --model SPEC --dataset SPEC to train without one")
     if args.acts and not (many or distributed):
         return False
+    if args.target:
+        raise SAEToolkitError("transcoders (--target) train one at a time from an activation file: drop the sweep "
+                              "lists, extra --hookpoint flags, --model/--dataset or torchrun")
     if args.force:
         raise SAEToolkitError("--force starts over a single run; for a sweep, from the model or under torchrun "
                               "choose a new --out (or --resume the old one)")
@@ -253,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train SAEs on cached activations or straight from a model")
     t.add_argument("acts", nargs="?", default=None, help="activation .h5 file (or --model and --dataset)")
     t.add_argument("--hookpoint", required=True, action="append", help="repeatable: one SAE per hookpoint")
-    t.add_argument("--arch", required=True, type=_list(str),
-                   help="relu, topk, batchtopk, jumprelu, gated or matryoshka; a comma list trains each side by side")
+    t.add_argument("--arch", default=None, type=_list(str),
+                   help="relu, topk, batchtopk, jumprelu, gated or matryoshka; a comma list trains each side by "
+                        "side; required for an SAE, a transcoder (--target) defaults to topk")
+    t.add_argument("--target", default=None, help="train a transcoder predicting this hookpoint from --hookpoint")
+    t.add_argument("--skip", action="store_true", help="transcoder with a learned linear skip path W_skip x")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--expansion", type=_list(int), default=[8], help="d_sae = expansion * d_in; e.g. 8,16")
     g.add_argument("--n-features", type=_size, default=None, help="d_sae, overrides --expansion")

@@ -60,19 +60,22 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
     d_sae = sae.cfg.d_sae
     seqs_per_chunk = max(1, min(batch_tokens // reader.ctx, _CHUNK_ELEMENTS // (reader.ctx * d_sae)))
     sae = sae.to(device).eval()
-    metrics = ReconstructionMetrics(sae.cfg.d_in, d_sae)
+    # A transcoder is scored on its target (read row-aligned from the same file); latents come from the input.
+    targets = target_chunks(sae, reader, seqs_per_chunk)
+    metrics = ReconstructionMetrics(sae.cfg.d_out, d_sae)
     top = TopActivations(d_sae, k=top_k, left=left, right=right, seed=seed, device=device) if top_k else None
     n_tok = (reader.seq_range[1] - reader.seq_range[0]) * reader.ctx
     owned = reader if not isinstance(acts, ActsReader) else contextlib.nullcontext()
     with owned, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"analyze {reader.hookpoint}") as bar:
-        for seq_ids, toks, x in reader.chunks(seqs_per_chunk):
+        for (seq_ids, toks, x), y in zip(reader.chunks(seqs_per_chunk), targets):
             _require_finite(x, reader, int(seq_ids[0]))
             x = x.to(device)
             out = sae(x)
+            ref = x if y is None else y.to(device)  # [s*seq, d_out] what x̂ should be
             # one exclusion set for every number and example: special tokens and massive-activation positions
             valid = reader.keep_mask(toks).to(device)  # [s, seq]
             keep = valid.reshape(-1)  # [s*seq]
-            metrics.update(x[keep], out.x_hat[keep].float(), out.feature_acts[keep].float())
+            metrics.update(ref[keep], out.x_hat[keep].float(), out.feature_acts[keep].float())
             if top is not None:
                 top.update(seq_ids, out.feature_acts.view(len(seq_ids), reader.ctx, d_sae), valid)
             bar.update(x.shape[0])
@@ -92,6 +95,20 @@ def _require_finite(x: torch.Tensor, reader: ActsReader, first_seq: int) -> None
         raise SAEToolkitError(f"acts/{reader.hookpoint} in {reader.path} has a non-finite value in row {row} "
                               f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
                               "--dtype bfloat16 or float32)")
+
+
+def target_chunks(sae, reader: ActsReader, seqs_per_chunk: int):
+    """For a transcoder: its target's activations [s*seq, d_out] for the same windows as
+    `reader.chunks(seqs_per_chunk)`, read from the same file; for an SAE: None forever."""
+    if not sae.cfg.target:
+        yield from iter(lambda: None, 0)  # endless Nones, zipped with the input chunks
+        return
+    with ActsReader(reader.path, sae.cfg.target, seq_range=reader.seq_range, tokenizer=None) as target:
+        if target.d != sae.cfg.d_out:
+            raise SAEToolkitError(f"acts/{sae.cfg.target} has width {target.d} but the transcoder has d_out="
+                                  f"{sae.cfg.d_out}; pass the activation file it was trained on")
+        for _, _, y in target.chunks(seqs_per_chunk):
+            yield y
 
 
 def evaluate(sae, acts: str | Path, **kwargs) -> dict[str, float | int]:
@@ -118,7 +135,7 @@ class WeightStats(NamedTuple):
     """Per-latent statistics of the weights alone."""
 
     enc_dec_cos: torch.Tensor
-    """[d_sae] cosine between encoder column W_enc[:, i] and decoder row W_dec[i]."""
+    """[d_sae] cosine between encoder column W_enc[:, i] and decoder row W_dec[i] (NaN for transcoders)."""
     dec_norm: torch.Tensor
     """[d_sae] ‖W_dec[i]‖."""
     nearest: torch.Tensor
@@ -130,11 +147,13 @@ class WeightStats(NamedTuple):
 @torch.no_grad()
 def weight_stats(sae, chunk: int = 1024) -> WeightStats:
     """Encoder/decoder agreement and nearest decoder neighbour of every latent (chunked: O(chunk · d_sae) memory)."""
-    W_dec = sae.W_dec.detach().float()  # [d_sae, d_in]
+    W_dec = sae.W_dec.detach().float()  # [d_sae, d_out]
     W_enc = sae.W_enc.detach().float()  # [d_in, d_sae]
     dec_n = torch.nn.functional.normalize(W_dec, dim=-1)
     enc_n = torch.nn.functional.normalize(W_enc.T, dim=-1)
-    enc_dec = (dec_n * enc_n).sum(-1)
+    # a transcoder's encoder and decoder live in different spaces (mlp_in, mlp_out): their cosine means nothing
+    transcoder = bool(getattr(getattr(sae, "cfg", None), "target", ""))
+    enc_dec = torch.full((W_dec.shape[0],), float("nan")) if transcoder else (dec_n * enc_n).sum(-1)
     d_sae = W_dec.shape[0]
     nearest = torch.zeros(d_sae, dtype=torch.int64)
     nearest_cos = torch.zeros(d_sae)
@@ -279,28 +298,33 @@ def _final_norm_gain(model, d_model: int) -> torch.Tensor | None:
 def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_token_id: int | None,
                   batch_size: int = 4, device: str = "cpu", mean_act: torch.Tensor | None = None,
                   excluded_positions: torch.Tensor | None = None) -> ModelMetrics:
-    """CE/KL of the model with the SAE reconstruction (and zeros, and `mean_act` [d_in] when given) spliced in
-    place of the hooked activation.
+    """CE/KL of the model with the SAE reconstruction (and zeros, and `mean_act` [d_out], the mean of the replaced
+    activation, when given) spliced in place of the hooked activation.
 
     input_ids [n, seq]: the windows to run. Positions holding BOS, and `excluded_positions` [seq] bool (massive
     activations), keep their clean activation (the SAE never saw them) and no prediction made at, or of, such a
-    position counts.
+    position counts. A transcoder (sae.cfg.target) replaces its target instead — e.g. the MLP's output by the
+    prediction from the MLP's input (`hookpoint`), captured in the same forward — and zero (or mean) ablation
+    replaces that target.
     """
     from tqdm.auto import tqdm
 
     from sae_toolkit.activations.format import check_token_ids
-    from sae_toolkit.model.hookpoints import forward_kwargs, resolve, splice
+    from sae_toolkit.model.hookpoints import capture, forward_kwargs, resolve, splice
 
     embedding = model.get_input_embeddings()
     if embedding is not None and hasattr(embedding, "num_embeddings"):  # ids past it: IndexError / CUDA assert
         check_token_ids(input_ids.cpu().numpy(), embedding.num_embeddings, "the activation file")
-    hp = resolve(model, hookpoint)
+    hp = resolve(model, sae.cfg.target or hookpoint)  # where the output goes
+    source = [resolve(model, hookpoint)] if sae.cfg.target else []  # a transcoder's input, read in the same pass
     sae = sae.to(device).eval()
     acc = ModelMetrics()
     keep_pos: torch.Tensor | None = None  # [batch, seq] bool, set per batch before the forwards
+    seen: dict[str, dict[str, torch.Tensor]] = {}  # "acts": the dict `capture` fills during the running forward
 
     def with_sae(act: torch.Tensor) -> torch.Tensor:
-        x_hat = sae(act.float()).x_hat.to(act.dtype)
+        x = seen["acts"][hookpoint] if source else act  # the input runs before the target in the same forward
+        x_hat = sae(x.float()).x_hat.to(act.dtype)
         return torch.where(keep_pos[..., None], x_hat, act)
 
     def with_zero(act: torch.Tensor) -> torch.Tensor:
@@ -317,7 +341,8 @@ def model_metrics(sae, model, input_ids: torch.Tensor, *, hookpoint: str, bos_to
             keep_pos = keep_pos & ~excluded_positions.to(keep_pos.device)[None, :]
         kw = forward_kwargs(model, ids)
         clean = model(**kw).logits
-        with splice(model, hp, with_sae):
+        with capture(model, source, stop_early=False) as captured, splice(model, hp, with_sae):
+            seen["acts"] = captured
             logits_sae = model(**kw).logits
         with splice(model, hp, with_zero):
             logits_zero = model(**kw).logits

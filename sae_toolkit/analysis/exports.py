@@ -66,7 +66,8 @@ def saebench_core(sae, metrics: dict, table) -> dict:
         "eval_result_unstructured": {
             "feature_density": [float(v) for v in table["density"]],
             "mean_activation": [float(v) for v in table["mean_activation"]],
-            "encoder_decoder_cosine_sim": [float(v) for v in table["enc_dec_cos"]],
+            # None where undefined (transcoders: encoder and decoder live in different spaces)
+            "encoder_decoder_cosine_sim": [float(v) if v == v else None for v in table["enc_dec_cos"]],
         },
         "sae_bench_commit_hash": None,
         "sae_lens_id": None,

@@ -123,7 +123,8 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
 
             mdl, tok = load_model(model, device=device)
             try:
-                lens = logit_lens(sae, mdl, tok, hookpoint=reader.hookpoint)
+                # a transcoder's decoder writes into its target, so the lens reads from there
+                lens = logit_lens(sae, mdl, tok, hookpoint=sae.cfg.target or reader.hookpoint)
             except SAEToolkitError as e:
                 notes.append(f"logit lens skipped: {e}")
             s0 = reader.seq_range[0]
@@ -262,10 +263,12 @@ def _metrics_json(sae, res: Scan, model_m: dict, notes: list[str], provenance: d
         "seqs_evaluated": r.seq_range[1] - r.seq_range[0],
         "seq_range": list(r.seq_range),
         "hookpoint": r.hookpoint,
+        "target": sae.cfg.target or None,
+        "skip": bool(sae.cfg.skip),
         "model": r.model,
         "dataset": r.dataset,
         "context_size": r.ctx,
-        "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k,
+        "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "d_out": sae.cfg.d_out,
         # one exclusion set for metrics and top activations alike
         "excluded_token_ids": r.special_ids.tolist(),
         "excluded_positions": r.excluded_positions.nonzero().flatten().tolist(),
@@ -428,7 +431,13 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
                       f"({m['excluded_tokens']['outlier_positions']:,} tokens)"))
     title = f"SAE report — {m['hookpoint']}" + (f" of {m['model']}" if m["model"] else "")
     k = f", k={m['k']}" if m.get("k") else ""
-    subtitle = (f"{m['arch']} SAE, d_in={m['d_in']}, d_sae={m['d_sae']}{k} · dataset {m['dataset'] or '?'} · "
+    kind = "SAE"
+    if m.get("target"):  # transcoders: say what is read and what is written
+        kind = "skip transcoder" if m.get("skip") else "transcoder"
+        title = f"{kind.capitalize()} report — reads {m['hookpoint']}, writes {m['target']}" + (
+            f" of {m['model']}" if m["model"] else "")
+        k += f", d_out={m['d_out']}"
+    subtitle = (f"{m['arch']} {kind}, d_in={m['d_in']}, d_sae={m['d_sae']}{k} · dataset {m['dataset'] or '?'} · "
                 f"{m['seqs_evaluated']} windows of {m['context_size']} tokens · sae-toolkit {__version__}")
     return {
         "meta": {"title": title, "subtitle": subtitle, "notes": " · ".join(m["notes"]),

@@ -7,14 +7,20 @@ A hookpoint is a module path as ``model.named_modules()`` prints it (``model.lay
 alias           Llama / Qwen2 / Mistral / Gemma                GPT-2                  GPT-NeoX
 =============== ============================================== ====================== =====================
 ``mlp_out.N``   ``model.layers.N.mlp``                         ``transformer.h.N.mlp`` ``gpt_neox.layers.N.mlp``
+``mlp_in.N``    ``model.layers.N.mlp:input``                   ``….mlp:input``         ``….mlp:input``
 ``mlp_hidden.N`` ``model.layers.N.mlp.down_proj:input``        ``….mlp.c_proj:input``  ``….mlp.dense_4h_to_h:input``
 ``resid_post.N`` ``model.layers.N`` (block output)             ``transformer.h.N``     ``gpt_neox.layers.N``
 ``attn_out.N``  ``model.layers.N.self_attn``                   ``transformer.h.N.attn`` ``….attention``
 =============== ============================================== ====================== =====================
 
 BERT-style encoders: ``mlp_out.N`` = ``bert.encoder.layer.N.output.dense`` (before the residual add and
-LayerNorm), ``mlp_hidden.N`` = its input, ``attn_out.N`` = ``….attention.output.dense``, ``resid_post.N`` = the
+LayerNorm), ``mlp_in.N`` = ``….intermediate:input`` (the attention block's LayerNorm output the MLP reads),
+``mlp_hidden.N`` = the input of ``output.dense``, ``attn_out.N`` = ``….attention.output.dense``, ``resid_post.N`` = the
 layer output. Models of unknown type get the first layout whose module names they have.
+
+``mlp_in.N`` is the normalized residual the MLP reads (after ``post_attention_layernorm`` / ``ln_2`` /
+``pre_feedforward_layernorm``); with GPT-NeoX's parallel residual it is the same module input, the norm of the
+block input rather than of the attention output. A transcoder reads ``mlp_in.N`` and predicts ``mlp_out.N``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 
 from sae_toolkit.errors import SAEToolkitError
 
-ALIASES = ("mlp_out", "mlp_hidden", "resid_post", "attn_out")
+ALIASES = ("mlp_out", "mlp_in", "mlp_hidden", "resid_post", "attn_out")
 _ALIAS_RE = re.compile(rf"^({'|'.join(ALIASES)})\.(-?\d+)$")
 
 
@@ -57,12 +63,14 @@ class _Layout(NamedTuple):
     """Module whose input is `mlp_hidden` (the MLP's hidden neurons after the nonlinearity)."""
     attn: str
     """Module whose output is `attn_out`."""
+    mlp_in: str
+    """Module whose input is `mlp_in` (the normalized residual the MLP reads)."""
 
 
-_LLAMA = _Layout("layers", "mlp", "mlp.down_proj", "self_attn")
-_GPT2 = _Layout("h", "mlp", "mlp.c_proj", "attn")
-_NEOX = _Layout("layers", "mlp", "mlp.dense_4h_to_h", "attention")
-_BERT = _Layout("encoder.layer", "output.dense", "output.dense", "attention.output.dense")
+_LLAMA = _Layout("layers", "mlp", "mlp.down_proj", "self_attn", "mlp")
+_GPT2 = _Layout("h", "mlp", "mlp.c_proj", "attn", "mlp")
+_NEOX = _Layout("layers", "mlp", "mlp.dense_4h_to_h", "attention", "mlp")
+_BERT = _Layout("encoder.layer", "output.dense", "output.dense", "attention.output.dense", "intermediate")
 _LAYOUTS: dict[str, _Layout] = {
     **dict.fromkeys(
         [
@@ -137,7 +145,7 @@ def _layout(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[_Layout, s
             if path != layout.layers and not path.endswith("." + layout.layers):
                 continue
             block = f"{path}.0"
-            if all(f"{block}.{rel}" in modules for rel in (layout.mlp, layout.mlp_down, layout.attn)):
+            if all(f"{block}.{rel}" in modules for rel in (layout.mlp, layout.mlp_down, layout.attn, layout.mlp_in)):
                 return layout, path, len(module)
     return None
 
@@ -161,6 +169,8 @@ def _resolve_alias(
     block = f"{blocks}.{layer}"
     if kind == "mlp_out":
         return f"{block}.{layout.mlp}", "output"
+    if kind == "mlp_in":
+        return f"{block}.{layout.mlp_in}", "input"
     if kind == "mlp_hidden":
         return f"{block}.{layout.mlp_down}", "input"
     if kind == "resid_post":
@@ -176,7 +186,7 @@ def _suggest(model: nn.Module, modules: dict[str, nn.Module], base: str, name: s
     suffix = name[len(base) :]
     close = difflib.get_close_matches(base, choices, n=5, cutoff=0.6)
     if not close:
-        return "; aliases are mlp_out.N, mlp_hidden.N, resid_post.N, attn_out.N, or give a module path"
+        return "; aliases are mlp_out.N, mlp_in.N, mlp_hidden.N, resid_post.N, attn_out.N, or give a module path"
     return "; did you mean " + ", ".join(repr(c + suffix) for c in close) + "?"
 
 

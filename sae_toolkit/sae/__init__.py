@@ -12,6 +12,7 @@ from sae_toolkit.sae.matryoshka import MatryoshkaSAE
 from sae_toolkit.sae.registry import make_sae, register
 from sae_toolkit.sae.relu import ReLUSAE
 from sae_toolkit.sae.topk import BatchTopKSAE, TopKSAE
+from sae_toolkit.sae.transcoder import fold_scales_, load_saelens_transcoder
 
 __all__ = [
     "ARCHS",
@@ -27,6 +28,8 @@ __all__ = [
     "TrainOutput",
     "export_saelens",
     "import_sae",
+    "fold_scales_",
+    "load_saelens_transcoder",
     "load_sae",
     "make_sae",
     "register",

@@ -26,7 +26,7 @@ class SAEOutput(NamedTuple):
     """What an SAE's forward returns."""
 
     x_hat: Tensor
-    """[..., d_in] reconstruction of the input."""
+    """[..., d_out] reconstruction of the input (a transcoder: prediction of the target; d_out = d_in for SAEs)."""
 
     feature_acts: Tensor
     """[..., d_sae] latent activations, dense (zeros where a latent is off)."""
@@ -39,7 +39,7 @@ class TrainOutput(NamedTuple):
     """Scalar the trainer backpropagates (sum of the weighted parts)."""
 
     x_hat: Tensor
-    """[batch, d_in] reconstruction (of the main, k-sparse path for Multi-TopK)."""
+    """[batch, d_out] reconstruction (of the main, k-sparse path for Multi-TopK); a transcoder's prediction."""
 
     fired: Tensor
     """[d_sae] bool, latents with an activation > 0 somewhere in the batch (dead-latent tracking)."""
@@ -57,6 +57,10 @@ class SAE(nn.Module, ABC):
     σ is the architecture's activation (ReLU, TopK, BatchTopK, JumpReLU, gate × magnitude); subclasses implement
     `encode` and `training_loss`. Parameters: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in];
     the b_dec subtraction before encoding follows `cfg.apply_b_dec_to_input`.
+
+    Transcoders (cfg.target set) read one hookpoint and predict another: W_dec [d_sae, d_out], b_dec [d_out],
+    b_dec never subtracted from x, and with cfg.skip  x̂ = W_decᵀ f + b_dec + W_skipᵀ x, W_skip [d_in, d_out]
+    (see sae/transcoder.py). The training loss then compares x̂ with the target batch, not x.
 
     Example:
         >>> from sae_toolkit.sae import make_sae
@@ -77,14 +81,19 @@ class SAE(nn.Module, ABC):
         dtype = getattr(torch, cfg.dtype)
         # Random unit directions for the decoder, encoder initialised as its transpose (Gao et al. 2024 §A.1;
         # Anthropic April 2024 do the same with row norm 0.1 for the decoder-norm-penalty variant).
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, device=device)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_out, device=device)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         if cfg.decoder_norm_penalty:
             W_dec *= 0.1
-        self.W_enc = nn.Parameter(W_dec.T.contiguous().to(dtype))
+        # A transcoder whose input and output widths differ cannot start its encoder as the decoder transpose;
+        # it gets its own random unit columns. Equal widths keep the transpose start.
+        W_enc = W_dec.T if cfg.d_out == cfg.d_in else _unit_columns(cfg.d_in, cfg.d_sae, device)
+        self.W_enc = nn.Parameter(W_enc.contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(W_dec.to(dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, device=device, dtype=dtype))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out, device=device, dtype=dtype))
 
     # ---- the model -------------------------------------------------------------------------------------------
 
@@ -104,7 +113,7 @@ class SAE(nn.Module, ABC):
         """[..., d_in] → [..., d_sae] latent activations (dense)."""
 
     def decode(self, f: Tensor) -> Tensor:
-        """[..., d_sae] → [..., d_in] reconstruction W_decᵀ f + b_dec."""
+        """[..., d_sae] → [..., d_out] reconstruction W_decᵀ f + b_dec (without a skip transcoder's W_skipᵀ x)."""
         if f.shape[-1] != self.cfg.d_sae:
             raise SAEToolkitError(f"decode got latents of width {f.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
         if not torch.is_autocast_enabled(f.device.type):  # under autocast the matmul picks the dtype; a cast
@@ -112,18 +121,39 @@ class SAE(nn.Module, ABC):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """[..., d_in] → SAEOutput(x_hat [..., d_in], feature_acts [..., d_sae]); equals decode(encode(x))."""
+        """[..., d_in] → SAEOutput(x_hat [..., d_out], feature_acts [..., d_sae]); equals decode(encode(x)),
+        plus skip(x) for a skip transcoder."""
         f = self.encode(x)
-        return SAEOutput(self.decode(f), f)
+        x_hat = self.decode(f)
+        return SAEOutput(x_hat + self.skip_out(x) if self.cfg.skip else x_hat, f)
+
+    def skip_out(self, x: Tensor) -> Tensor:
+        """[..., d_in] → [..., d_out] the skip path W_skipᵀ x of a skip transcoder (zeros without one)."""
+        if not self.cfg.skip:
+            return x.new_zeros(*x.shape[:-1], self.cfg.d_out)
+        return x.to(self.W_skip.dtype) @ self.W_skip
+
+    def _target(self, x: Tensor, target: Tensor | None) -> Tensor:
+        """What the training loss compares x̂ with: `target` [batch, d_out] for a transcoder, else x itself."""
+        if target is None:
+            if self.cfg.target:
+                raise SAEToolkitError(f"this transcoder predicts {self.cfg.target!r}; pass its batch as target=")
+            return x
+        if target.shape != (*x.shape[:-1], self.cfg.d_out):
+            raise SAEToolkitError(f"target has shape {tuple(target.shape)}, expected {(*x.shape[:-1], self.cfg.d_out)}"
+                                  " (the input's rows, d_out wide)")
+        return target.to(self.W_dec.dtype)
 
     @abstractmethod
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one training batch.
 
         x: [batch, d_in]. dead_mask: [d_sae] bool, latents the trainer counts as dead (TopK-family AuxK uses it).
         sparsity_scale: factor in [0, 1] on the sparsity coefficient λ (the trainer's warm-up; relu, jumprelu,
-        gated). The reconstruction term is the MSE summed over d_in and averaged over the batch,
-        mean_b ‖x_b − x̂_b‖², in every architecture.
+        gated). target: [batch, d_out], what a transcoder predicts (None for an SAE: x itself). The reconstruction
+        term is the MSE summed over d_out and averaged over the batch, mean_b ‖y_b − x̂_b‖² (y the target or x), in
+        every architecture; a skip transcoder's x̂ includes W_skipᵀ x.
         """
 
     def _check_input(self, x: Tensor) -> None:
@@ -176,10 +206,13 @@ class SAE(nn.Module, ABC):
 
     @torch.no_grad()
     def init_b_dec_(self, sample: Tensor, method: Literal["geometric_median", "mean"] = "geometric_median") -> None:
-        """Set b_dec from sample [n, d_in]: its geometric median (Anthropic 2023) or its mean."""
+        """Set b_dec from sample [n, d_out] (what the decoder outputs: the input, or a transcoder's target): its
+        geometric median (Anthropic 2023) or its mean."""
         if sample.ndim != 2 or sample.shape[0] < 1:
-            raise SAEToolkitError(f"init_b_dec_ needs a [n, d_in] sample with n >= 1, got shape {tuple(sample.shape)}")
-        self._check_input(sample)
+            raise SAEToolkitError(f"init_b_dec_ needs a [n, d_out] sample with n >= 1, got shape {tuple(sample.shape)}")
+        if sample.shape[1] != self.cfg.d_out:
+            raise SAEToolkitError(f"init_b_dec_ got a sample of width {sample.shape[1]}, b_dec has d_out="
+                                  f"{self.cfg.d_out}; pass rows of the activations the decoder outputs")
         sample = sample.to(self.b_dec.device, torch.float32)
         if method == "mean":
             center = sample.mean(0)
@@ -213,8 +246,9 @@ class SAE(nn.Module, ABC):
     # ---- save / load -----------------------------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """The tensors sae.safetensors holds, by their paper names."""
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        """The tensors sae.safetensors holds, by their paper names (+ W_skip [d_in, d_out] for a skip transcoder)."""
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return {**tensors, "W_skip": self.W_skip} if self.cfg.skip else tensors
 
     def load_state_tensors_(self, tensors: dict[str, Tensor]) -> None:
         """Copy tensors (named as in `state_tensors`) into this SAE; a missing or misshaped one is an error."""
@@ -283,6 +317,12 @@ def _sae_dir(path: Path) -> Path:
             " e.g. RUN_DIR/sae"
         )
     return path
+
+
+def _unit_columns(d_in: int, d_sae: int, device: str | torch.device | None) -> Tensor:
+    """[d_in, d_sae] random directions of unit norm per latent (an encoder that is not a decoder transpose)."""
+    W = torch.randn(d_in, d_sae, device=device)
+    return W / W.norm(dim=0, keepdim=True)
 
 
 @torch.no_grad()

@@ -42,7 +42,20 @@ class SAEConfig:
     """Active latents per token for topk; mean active latents per token for batchtopk and matryoshka. Required."""
 
     hookpoint: str = ""
-    """Hookpoint the SAE was trained on (provenance, used by analysis to splice it back into the model)."""
+    """Hookpoint the SAE was trained on (provenance, used by analysis to splice it back into the model). For a
+    transcoder: the hookpoint the encoder reads."""
+
+    target: str = ""
+    """Transcoders only: the hookpoint the decoder predicts (e.g. `mlp_out.6` for `hookpoint="mlp_in.6"`).
+    Empty for an autoencoder, which reconstructs its own input."""
+
+    d_out: int | None = None
+    """Width of the decoder's output (W_dec [d_sae, d_out], b_dec [d_out]). None: d_in. Only a transcoder may
+    have d_out ≠ d_in."""
+
+    skip: bool = False
+    """Transcoders only: add a learned linear skip path W_skip x (W_skip [d_in, d_out], initialised to zero) to
+    the decoder output (skip transcoders, Paulo et al. 2025)."""
 
     model: str = ""
     """Model SPEC the activations came from (provenance)."""
@@ -154,8 +167,9 @@ class SAEConfig:
             raise SAEToolkitError(
                 "decoder_norm_penalty=True already controls decoder norms; set normalize_decoder=False"
             )
+        self._check_transcoder()
         if self.apply_b_dec_to_input is None:
-            self.apply_b_dec_to_input = self.arch != "jumprelu" and not self.decoder_norm_penalty
+            self.apply_b_dec_to_input = self.arch != "jumprelu" and not self.decoder_norm_penalty and not self.target
         if self.l1_coefficient is None:
             self.l1_coefficient = _DEFAULT_L1.get(self.arch, 0.0)
         _check_nonneg("l1_coefficient", self.l1_coefficient)
@@ -178,6 +192,27 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise SAEToolkitError(f"{name}={v!r} must be a positive finite number")
+
+    def _check_transcoder(self) -> None:
+        """d_out, target and skip agree; b_dec (an output-space bias) is never subtracted from a transcoder's input."""
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out < 1:
+            raise SAEToolkitError(f"d_out={self.d_out!r} must be a positive integer")
+        if not self.target:
+            if self.skip:
+                raise SAEToolkitError("skip=True needs a transcoder; pass target (the hookpoint to predict)")
+            if self.d_out != self.d_in:
+                raise SAEToolkitError(f"d_out={self.d_out} differs from d_in={self.d_in} but no target is set; "
+                                      "only a transcoder (target=...) predicts another width")
+        elif self.apply_b_dec_to_input:
+            raise SAEToolkitError(f"apply_b_dec_to_input=True for a transcoder (target={self.target!r}): b_dec lives "
+                                  "in the target's space, not the input's; leave it None or False")
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the decoder predicts another hookpoint (`target`) rather than reconstructing the input."""
+        return bool(self.target)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (what cfg.json holds)."""

@@ -12,6 +12,7 @@ from torch import Tensor
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import atomic_dir, check_out_dir, only_names
+from sae_toolkit.sae.transcoder import saelens_transcoder_layout
 
 # SAELens >= 6 reads `metadata.sae_lens_version` to decide the config layout; 6.0 is the layout written here
 # (checked against sae-lens 6.54's SAE.load_from_disk).
@@ -25,6 +26,7 @@ _TL_HOOKS = {
     "mlp_out": "hook_mlp_out",
     "attn_out": "hook_attn_out",
     "mlp_hidden": "mlp.hook_post",
+    "mlp_in": "ln2.hook_normalized",  # the MLP's input: the normalized residual it reads
 }
 _HF_MODULE = re.compile(
     r"^(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)"
@@ -34,7 +36,7 @@ _HF_MODULE = re.compile(
 
 def tl_hook_name(hookpoint: str) -> str:
     """Best TransformerLens name for a hookpoint (`mlp_out.6` → `blocks.6.hook_mlp_out`); unknown ones unchanged."""
-    alias = re.fullmatch(r"(resid_post|mlp_out|attn_out|mlp_hidden)\.(\d+)", hookpoint)
+    alias = re.fullmatch(r"(resid_post|mlp_out|attn_out|mlp_hidden|mlp_in)\.(\d+)", hookpoint)
     if alias:
         return f"blocks.{alias[2]}.{_TL_HOOKS[alias[1]]}"
     m = _HF_MODULE.fullmatch(hookpoint)
@@ -55,6 +57,8 @@ def tl_hook_name(hookpoint: str) -> str:
 def _saelens_layout(sae) -> tuple[str, dict[str, Tensor], dict[str, object]]:
     """(SAELens architecture, its tensors, architecture-specific cfg keys) computing the same function as `sae`."""
     cfg = sae.cfg
+    if cfg.target:
+        return saelens_transcoder_layout(sae)
     base = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if cfg.arch == "relu":
         return "standard", base, {}
@@ -120,8 +124,9 @@ def export_saelens(sae_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
 
     `sae_lens.SAE.load_from_disk(out_dir)` then computes the same encode/decode on raw activations: relu →
     "standard", topk → "topk" (k), batchtopk and matryoshka → "jumprelu" with the inference threshold broadcast to
-    every latent, jumprelu → "jumprelu", gated → "gated" (b_enc saved as b_gate). Normalization is already folded
-    into the weights, so normalize_activations is "none". Returns out_dir.
+    every latent, jumprelu → "jumprelu", gated → "gated" (b_enc saved as b_gate); transcoders → SAELens' transcoder
+    classes (see sae/transcoder.py). Normalization is already folded into the weights, so normalize_activations is
+    "none". Returns out_dir.
 
     out_dir must be new, empty or an earlier export (sae_toolkit.files); it appears complete or not at all.
     An SAE with NaN/Inf weights is refused.
@@ -147,12 +152,14 @@ def export_saelens(sae_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
         "normalize_activations": "none",
         "reshape_activations": "none",
         **arch_keys,
+        **({"hook_name_out": tl_hook_name(cfg.target)} if cfg.target else {}),
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "sae_lens_training_version": None,
             "model_name": cfg.model,
             "hook_name": tl_hook_name(cfg.hookpoint),
             "hf_hook_name": cfg.hookpoint,
+            **({"hook_name_out": tl_hook_name(cfg.target), "hf_hook_name_out": cfg.target} if cfg.target else {}),
             "hook_head_index": None,
             "prepend_bos": bool(extra.get("prepend_bos", True)),
             "context_size": extra.get("context_size"),

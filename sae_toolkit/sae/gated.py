@@ -37,21 +37,25 @@ class GatedSAE(SAE):
         gate, mag = self._paths(x)
         return (gate > 0) * mag.relu()
 
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one batch x [batch, d_in]; parts {"mse", "l1", "aux"}; λ·sparsity_scale on the L1. dead_mask
         unused. MSE (and aux) = mean over the batch of ‖·‖² summed over d_in."""
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        y = self._target(x, target)
         gate, mag = self._paths(x)  # [batch, d_sae] each
         f = (gate > 0) * mag.relu()
-        x_hat = self.decode(f)
+        skip = self.skip_out(x) if self.cfg.skip else 0.0  # [batch, d_out]
+        x_hat = self.decode(f) + skip
         gate_acts = gate.relu()
-        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach() + (
+            skip.detach() if self.cfg.skip else 0.0)
         parts = {
-            "mse": self._mse(x, x_hat),
+            "mse": self._mse(y, x_hat),
             "l1": self.cfg.l1_coefficient * sparsity_scale * self._row_sum(gate_acts).mean(),
-            "aux": self._mse(x, x_hat_frozen),
+            "aux": self._mse(y, x_hat_frozen),
         }
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)

@@ -83,18 +83,21 @@ class JumpReLUSAE(SAE):
         pre = self.pre_acts(x)
         return pre.relu() * (pre > self.threshold)
 
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one batch x [batch, d_in]; parts {"mse", "l0"} (λ·sparsity_scale·mean penalty) + "pre_act"
-        with the tanh loss. dead_mask unused. MSE = mean over the batch of ‖x − x̂‖² summed over d_in."""
+        with the tanh loss. dead_mask unused. MSE = mean over the batch of ‖y − x̂‖² summed over d_out, y the
+        target of a transcoder, else x."""
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        y = self._target(x, target)
         cfg = self.cfg
         pre = self.pre_acts(x)  # [batch, d_sae]
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, theta, eps)
-        x_hat = self.decode(f)
-        parts = {"mse": self._mse(x, x_hat)}
+        x_hat = self.decode(f) + self.skip_out(x) if cfg.skip else self.decode(f)
+        parts = {"mse": self._mse(y, x_hat)}
         if cfg.jumprelu_loss == "tanh":
             norms = self.W_dec.norm(dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
             penalty = self._row_sum(torch.tanh(cfg.jumprelu_tanh_scale * f * norms)).mean()

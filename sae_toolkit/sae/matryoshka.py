@@ -35,12 +35,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         ends = list(itertools.accumulate(cfg.matryoshka_groups))
         self.register_buffer("group_ends", torch.tensor(ends, device=device), persistent=False)
 
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one batch x [batch, d_in]; parts {"mse" (the full dictionary), "mse_prefixes" (the smaller
-        prefixes, summed), "auxk"}. sparsity_scale is ignored (k fixes the sparsity)."""
+        prefixes, summed), "auxk"}. sparsity_scale is ignored (k fixes the sparsity). A transcoder's prefixes
+        predict `target` [batch, d_out] (plus the skip path with cfg.skip)."""
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        y = self._target(x, target)  # what every prefix's x̂ is compared with
+        skip = self.skip_out(x) if self.cfg.skip else None  # [batch, d_out]
         with torch.no_grad():
             sae_in = self._sae_in(x)  # [batch, d_in]
             pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae], only to choose entries
@@ -48,13 +52,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         z = self._sparse_pre_acts(code, sae_in).relu()  # [nnz]
         main = code._replace(vals=z)
         group = torch.bucketize(code.cols, self.group_ends, right=True)  # [nnz] group of each entry
-        x_hat = self.b_dec.expand_as(x)
+        x_hat = self.b_dec.expand_as(y) if skip is None else self.b_dec + skip
         prefix_losses = []
         for g in range(len(self.cfg.matryoshka_groups)):
             x_hat = x_hat + sparse_decode(main._replace(vals=z * (group == g)), self.W_dec)  # first g+1 groups
-            prefix_losses.append(self._mse(x, x_hat))
+            prefix_losses.append(self._mse(y, x_hat))
         parts = {"mse": prefix_losses[-1], "mse_prefixes": sum(prefix_losses[:-1], x_hat.new_zeros(())),
-                 "auxk": self._auxk_loss(x, x_hat, sae_in, pre, dead_mask)}
+                 "auxk": self._auxk_loss(y, x_hat, sae_in, pre, dead_mask)}
         self._after_batch(main)
         active = (z.detach() > 0).float()  # [nnz]
         fired = active.new_zeros(self.cfg.d_sae).scatter_reduce_(0, main.cols, active, "amax") > 0

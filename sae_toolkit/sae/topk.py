@@ -42,7 +42,8 @@ class TopKSAE(SAE):
         """[batch, d_sae] detached pre-activations → the (token, latent) entries the training forward keeps."""
         return topk_code(pre, 4 * self.cfg.k if self.cfg.multi_topk else self.cfg.k)
 
-    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0) -> TrainOutput:
+    def training_loss(self, x: Tensor, *, dead_mask: Tensor | None = None, sparsity_scale: float = 1.0,
+                      target: Tensor | None = None) -> TrainOutput:
         """Loss of one batch x [batch, d_in]; parts {"mse", "auxk"} (+ "mse_4k" with Multi-TopK).
 
         dead_mask [d_sae] bool selects the latents AuxK may use; None or all-False gives auxk = 0.
@@ -51,6 +52,8 @@ class TopKSAE(SAE):
         if x.ndim != 2:
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
+        y = self._target(x, target)  # what x̂ is compared with: x, or a transcoder's target
+        skip = self.skip_out(x) if self.cfg.skip else None  # [batch, d_out]
         with torch.no_grad():
             sae_in = self._sae_in(x)  # [batch, d_in]; b_dec's gradient comes from the kernel, see below
             pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae], only to choose entries
@@ -66,10 +69,12 @@ class TopKSAE(SAE):
             main = SparseActs(keep(z), keep(code.rows), keep(code.cols), b, k)
             t_main = None
             x_hat_4k = sparse_decode(code._replace(vals=z), self.W_dec, t) + self.b_dec
-            parts["mse_4k"] = self._mse(x, x_hat_4k) / 8
-        x_hat = sparse_decode(main, self.W_dec, t_main) + self.b_dec  # [batch, d_in]
-        parts["mse"] = self._mse(x, x_hat)
-        parts["auxk"] = self._auxk_loss(x, x_hat, sae_in, pre, dead_mask)
+            parts["mse_4k"] = self._mse(y, x_hat_4k if skip is None else x_hat_4k + skip) / 8
+        x_hat = sparse_decode(main, self.W_dec, t_main) + self.b_dec  # [batch, d_out]
+        if skip is not None:
+            x_hat = x_hat + skip
+        parts["mse"] = self._mse(y, x_hat)
+        parts["auxk"] = self._auxk_loss(y, x_hat, sae_in, pre, dead_mask)
         self._after_batch(main)
         active = (main.vals.detach() > 0).float()  # [nnz]
         # scatter-max instead of boolean indexing: no host sync on GPU
@@ -79,6 +84,7 @@ class TopKSAE(SAE):
 
     def _auxk_loss(self, x: Tensor, x_hat: Tensor, sae_in: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """α·mean_b ‖e − ê‖², e = stopgrad(x − x̂), ê decoded (no bias) from the top k_aux dead pre-activations.
+        x is what x̂ approximates (a transcoder's target), sae_in the encoder's input.
 
         The dead latents' values carry gradients to their encoder columns W_enc[:, i] and b_enc[i] (and b_dec) as
         well as to their decoder rows (DESIGN §5). Two implementations of the same formula:

@@ -53,6 +53,11 @@ class TrainConfig:
     """RUN_DIR. Must be empty or absent unless resume is set."""
     resume: bool = False
     """Continue from the newest checkpoint in RUN_DIR."""
+    target: str = ""
+    """Train a transcoder: the dataset under acts/ the decoder predicts from `hookpoint` (e.g. mlp_out.6 from
+    mlp_in.6). Empty: an SAE reconstructing `hookpoint`."""
+    skip: bool = False
+    """Transcoders: add a learned linear skip path W_skip x (initialised to zero) to the decoder output."""
 
     seq_range: tuple[int, int] | None = None
     """Train only on sequences [start, stop) of the file, e.g. to hold out the rest for evaluation."""
@@ -158,8 +163,13 @@ class TrainConfig:
         self.resample_fractions = tuple(float(f) for f in self.resample_fractions)
         if any(not 0.0 < f < 1.0 for f in self.resample_fractions):
             raise SAEToolkitError(f"resample_fractions={self.resample_fractions} must lie strictly between 0 and 1")
+        if self.skip and not self.target:
+            raise SAEToolkitError("skip=True (--skip) needs a transcoder; pass target (--target HP) as well")
+        if self.resample and self.target:
+            raise SAEToolkitError("dead-latent resampling is not implemented for transcoders; set resample=False "
+                                  "(or use arch topk, whose AuxK loss revives dead latents)")
         if self.resample is None:
-            self.resample = self.arch == "relu"
+            self.resample = self.arch == "relu" and not self.target
         if self.resample and self.arch != "relu":
             raise SAEToolkitError(f"resample applies to relu SAEs, not {self.arch!r} (topk/batchtopk revive dead "
                                   "latents with AuxK); set resample=False")

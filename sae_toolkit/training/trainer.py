@@ -10,6 +10,7 @@ resumed run reproduces the uninterrupted one exactly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -24,10 +25,10 @@ import torch
 
 from sae_toolkit import __version__
 from sae_toolkit.activations.outliers import describe as describe_positions
-from sae_toolkit.activations.store import ActivationStore
+from sae_toolkit.activations.pairs import open_store, split_batch
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import MARKER, only_names, remove_owned, replace_dir, write_marker
-from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, make_sae
+from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, fold_scales_, make_sae
 from sae_toolkit.sae.config import TOPK_FAMILY
 from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
@@ -58,8 +59,10 @@ _RUN_LEGACY = only_names(_RUN_FILES, lambda d: (d / "train_config.json").is_file
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float | None = None,
                dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0, autocast: bool = False,
-               max_grad_norm: float | None = None, loss_fn: Callable[..., TrainOutput] | None = None) -> TrainOutput:
-    """One Adam update on batch x [batch, d_in]; returns the SAE's TrainOutput (computed before the update).
+               max_grad_norm: float | None = None, loss_fn: Callable[..., TrainOutput] | None = None,
+               target: torch.Tensor | None = None) -> TrainOutput:
+    """One Adam update on batch x [batch, d_in] (a transcoder: predicting target [batch, d_out]); returns the
+    SAE's TrainOutput (computed before the update).
 
     loss_fn: a compiled `sae.training_loss` (default: the eager one). For unit-norm archs the gradient component
     parallel to each decoder row is removed before the step and the
@@ -70,7 +73,8 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
             group["lr"] = lr
     # bf16 autocast runs the matmuls in bf16 while parameters and Adam moments stay fp32 (master weights).
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = (loss_fn or sae.training_loss)(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+        kw = {} if target is None else {"target": target}  # archs without transcoder support never see it
+        out = (loss_fn or sae.training_loss)(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale, **kw)
     out.loss.backward()
     if sae.unit_norm_decoder:
         sae.remove_parallel_grad_()
@@ -94,8 +98,8 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         checkpoint = self._check_run_dir(force)
         self.device = torch.device(resolve_device(cfg.device))
-        self.store = store if store is not None else ActivationStore(
-            cfg.acts, cfg.hookpoint, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
+        self.store = store if store is not None else open_store(
+            cfg.acts, cfg.hookpoint, cfg.target, batch_size=cfg.batch_size, device=self.device, seed=cfg.seed,
             seq_range=cfg.seq_range, exclude_bos=cfg.exclude_bos, normalize=cfg.normalize,
             in_memory=cfg.in_memory, prefetch=cfg.prefetch, outlier_multiple=cfg.outlier_multiple,
             exclude_first_positions=cfg.exclude_first_positions)
@@ -177,6 +181,7 @@ class Trainer:
             decoder_norm_penalty=cfg.decoder_norm_penalty, k_aux=cfg.k_aux if topk_family else None,
             aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk, jumprelu_loss=cfg.jumprelu_loss,
             matryoshka_groups=list(cfg.matryoshka_groups) if cfg.matryoshka_groups else None,
+            target=cfg.target, d_out=getattr(self.store, "d_out", self.d_in), skip=cfg.skip,
             extra={"train_tokens": self.total_tokens, "train_steps": self.total_steps,
                    "excluded_positions": np.flatnonzero(self.store.excluded_positions).tolist(),
                    "acts": str(cfg.acts), "seq_range": list(self.store.seq_range)})
@@ -185,8 +190,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(self.run_dir, "run", sorted(_RUN_FILES - {MARKER}))
         if self.cfg.b_dec_init != "zeros":
-            sample = self.store.sample(self.cfg.init_sample, seed=0)
-            self.sae.init_b_dec_(sample, method=self.cfg.b_dec_init)
+            x, y = split_batch(self.store.sample(self.cfg.init_sample, seed=0))
+            self.sae.init_b_dec_(x if y is None else y, method=self.cfg.b_dec_init)  # b_dec lives in x̂'s space
         resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
                     "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
                     "dead_window_tokens": self.dead_window, "scale": self.store.scale,
@@ -206,8 +211,10 @@ class Trainer:
                                   f"but acts/{self.cfg.hookpoint} in {self.cfg.acts} has d={self.d_in}; resume with "
                                   "the same activations or start a new --out")
         now = self.cfg.to_dict()
-        changed = [f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in now
-                   if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now[k])) != saved.get(k)]
+        # a key an older version did not write had its default then (e.g. target="" before transcoders)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = [f"{k} was {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+                   if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now[k])) != saved.get(k, defaults[k])]
         if changed:
             raise SAEToolkitError(f"cannot resume {self.run_dir} with other settings ({'; '.join(changed)}); pass "
                                   "the original arguments or start a new --out")
@@ -247,14 +254,14 @@ class Trainer:
             while self.step < self.total_steps:
                 if self.step in self.resample_steps:
                     self.resample(bar)
-                x = self.store.next_batch()
-                out = self.train_one(x)
+                x, y = split_batch(self.store.next_batch())  # y: a transcoder's target, else None
+                out = self.train_one(x) if y is None else self.train_one(x, y)  # one-argument overrides still work
                 self.step += 1
                 self.guard.update(out.loss, self.step)
                 bar.update(cfg.batch_size)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self.guard.check(self.sae, self.step, self.run_dir, self.lr)
-                    bar.set_postfix(self.log(x, out), refresh=False)
+                    bar.set_postfix(self.log(x if y is None else y, out), refresh=False)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
@@ -267,8 +274,9 @@ class Trainer:
             self._close_loggers()
         return self.run_dir
 
-    def train_one(self, x: torch.Tensor) -> TrainOutput:
-        """One update at the current step's lr and λ scale; updates the dead-latent counters (and λ for a target L0)."""
+    def train_one(self, x: torch.Tensor, y: torch.Tensor | None = None) -> TrainOutput:
+        """One update at the current step's lr and λ scale (y: a transcoder's target); updates the dead-latent
+        counters (and λ for a target L0)."""
         sparsity_scale = sparsity_scale_at(self.step, self.total_steps, self.cfg.l1_warmup_fraction)
         steer = self.l0_controller is not None and sparsity_scale == 1.0
         if self.l0_controller is not None:
@@ -284,7 +292,7 @@ class Trainer:
                      decay=self.cfg.lr_decay, decay_fraction=self.cfg.lr_decay_fraction),
             dead_mask=self.dead_mask(),
             sparsity_scale=sparsity_scale, autocast=self.cfg.autocast and self.device.type == "cuda",
-            max_grad_norm=self.cfg.max_grad_norm, loss_fn=self._loss_fn)
+            max_grad_norm=self.cfg.max_grad_norm, loss_fn=self._loss_fn, target=y)
         self.tokens_since_fired = torch.where(out.fired, 0, self.tokens_since_fired + x.shape[0])
         if steer:
             self.l0_controller.update_(out.l0)
@@ -313,7 +321,8 @@ class Trainer:
 
     @torch.no_grad()
     def log(self, x: torch.Tensor, out: TrainOutput) -> dict[str, float]:
-        """Append one line to metrics.jsonl (and the optional loggers); returns a short summary for the bar."""
+        """Append one line to metrics.jsonl (and the optional loggers); returns a short summary for the bar.
+        x is what out.x_hat approximates: the batch, or a transcoder's target batch."""
         now = time.perf_counter()
         x_hat = out.x_hat.float()
         sq_err = (x - x_hat).pow(2).sum()
@@ -391,7 +400,10 @@ class Trainer:
             # the steered λ, so the saved config says what the run ended with (λ is in normalized units)
             sae.cfg.l1_coefficient = self.sparsity_coefficient()
             sae.cfg.extra["target_l0"] = self.cfg.target_l0
-        sae.fold_scale_(self.store.scale)
+        if self.cfg.target:
+            fold_scales_(sae, self.store.scale, self.store.target_scale)
+        else:
+            sae.fold_scale_(self.store.scale)
         final, tmp = self.run_dir / "sae", self.run_dir / ".tmp-sae"
         shutil.rmtree(tmp, ignore_errors=True)
         sae.save(tmp)

@@ -14,24 +14,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EXPECTED = {
     "tiny-llama": {
         "mlp_out.2": ("model.layers.2.mlp", "output"),
+        "mlp_in.2": ("model.layers.2.mlp", "input"),
         "mlp_hidden.2": ("model.layers.2.mlp.down_proj", "input"),
         "resid_post.2": ("model.layers.2", "output"),
         "attn_out.2": ("model.layers.2.self_attn", "output"),
     },
     "tiny-gpt2": {
         "mlp_out.2": ("transformer.h.2.mlp", "output"),
+        "mlp_in.2": ("transformer.h.2.mlp", "input"),
         "mlp_hidden.2": ("transformer.h.2.mlp.c_proj", "input"),
         "resid_post.2": ("transformer.h.2", "output"),
         "attn_out.2": ("transformer.h.2.attn", "output"),
     },
     "tiny-gptneox": {
         "mlp_out.2": ("gpt_neox.layers.2.mlp", "output"),
+        "mlp_in.2": ("gpt_neox.layers.2.mlp", "input"),
         "mlp_hidden.2": ("gpt_neox.layers.2.mlp.dense_4h_to_h", "input"),
         "resid_post.2": ("gpt_neox.layers.2", "output"),
         "attn_out.2": ("gpt_neox.layers.2.attention", "output"),
     },
     "tiny-bert": {
         "mlp_out.2": ("bert.encoder.layer.2.output.dense", "output"),
+        "mlp_in.2": ("bert.encoder.layer.2.intermediate", "input"),
         "mlp_hidden.2": ("bert.encoder.layer.2.output.dense", "input"),
         "resid_post.2": ("bert.encoder.layer.2", "output"),
         "attn_out.2": ("bert.encoder.layer.2.attention.output.dense", "output"),
@@ -56,6 +60,31 @@ def test_aliases_resolve_per_architecture(models, spec):
         hp = resolve(models[spec], alias)
         assert (hp.name, hp.module_name, hp.io) == (alias, module_name, io)
         assert hp.module is dict(models[spec].named_modules())[module_name]
+
+
+# The norm whose output the MLP reads (what `mlp_in.N` must equal), per family.
+MLP_IN_NORM = {**dict.fromkeys(["tiny-llama", "tiny-qwen2", "tiny-mistral"], "model.layers.2.post_attention_layernorm"),
+               "tiny-gpt2": "transformer.h.2.ln_2",
+               "tiny-gptneox": "gpt_neox.layers.2.post_attention_layernorm",
+               "tiny-bert": "bert.encoder.layer.2.attention.output.LayerNorm"}
+
+
+@pytest.mark.parametrize("spec", sorted(EXPECTED))
+def test_mlp_in_is_the_normalized_residual_the_mlp_reads(models, spec):
+    model, x = models[spec], ids()
+    modules = dict(model.named_modules())
+    norm = MLP_IN_NORM.get(spec)
+    if norm is None:  # gemma: gemma2/3 put a pre_feedforward_layernorm before the MLP, gemma1 reuses post_attention
+        norm = next(n for n in ("model.layers.2.pre_feedforward_layernorm", "model.layers.2.post_attention_layernorm")
+                    if n in modules)
+    got = run_capture(model, resolve_all(model, ["mlp_in.2", "mlp_out.2"]), x)
+    torch.testing.assert_close(got["mlp_in.2"], direct_capture(model, norm, "output", x), rtol=0, atol=0)
+    mlp = modules[resolve(model, "mlp_in.2").module_name]
+    with torch.no_grad():  # mlp_in through the MLP gives mlp_out, the pair a transcoder learns
+        pred = mlp(got["mlp_in.2"])
+        if spec == "tiny-bert":  # BERT's MLP is `intermediate` (dense + GELU), then `output.dense`
+            pred = modules["bert.encoder.layer.2.output.dense"](pred)
+    torch.testing.assert_close(pred, got["mlp_out.2"])
 
 
 @pytest.mark.parametrize("spec", sorted(EXPECTED))

@@ -22,6 +22,7 @@ from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae.base import SAE
 from sae_toolkit.sae.formats.common import build_sae, dtype_name, need, read_json, read_safetensors
 from sae_toolkit.sae.formats.hookpoints import from_transformerlens
+from sae_toolkit.sae.transcoder import SAELENS_TRANSCODER_ARCHS, from_saelens
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -64,7 +65,10 @@ def hookpoint_of(path: Path) -> str:
 
 def load(path: Path, device: str | torch.device = "cpu") -> SAE:
     """The SAELens SAE in directory `path` as our SAE (see the module docstring for the formulas)."""
-    cfg = normalized_cfg(read_json(path / CFG))
+    raw = read_json(path / CFG)
+    if raw.get("architecture") in SAELENS_TRANSCODER_ARCHS:  # SAELens' transcoders: sae/transcoder.py reads them
+        return from_saelens(path, raw, device)
+    cfg = normalized_cfg(raw)
     arch = cfg["architecture"]
     if arch not in _ARCHS:
         raise SAEToolkitError(
