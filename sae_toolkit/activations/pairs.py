@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from sae_toolkit.activations.format import hookpoint_dataset, hookpoints, stored_dtype, to_float32
+from sae_toolkit.activations.format import hookpoint_dataset, hookpoints, stored_dtype
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
 
@@ -75,6 +75,11 @@ class PairedActivationStore(ActivationStore):
         self._target_dset = hookpoint_dataset(self._file, self.target)
         self.d_out = int(self._target_dset.shape[1])
         self.target_dtype = stored_dtype(self._target_dset)
+        if self.target_dtype != self.dtype or self._target_dset.dtype != self._dset.dtype:
+            # rows of both travel side by side in one buffer of the stored dtype (the cacher writes one dtype)
+            raise SAEToolkitError(f"acts/{hookpoint} is {self.dtype} but acts/{self.target} is {self.target_dtype} "
+                                  f"in {str(self.path)!r}; a transcoder needs both stored in one dtype — re-cache "
+                                  "them in one `sae-toolkit cache` run")
         if self._target_dset.shape[0] < self._row_stop:
             raise SAEToolkitError(f"acts/{self.target} has {self._target_dset.shape[0]} rows but the file's "
                                   f"sequences need {self._row_stop}; re-cache the file")
@@ -93,17 +98,37 @@ class PairedActivationStore(ActivationStore):
             self.target_scale = math.sqrt(self.d_out) / y.norm(dim=1).mean().item()
 
     def _read_rows(self, lo: int, hi: int) -> np.ndarray:
-        """Usable rows of `[lo, hi)` as float32 `[n, d_in + d_out]`: input and target side by side."""
+        """Usable rows of `[lo, hi)` in the stored dtype, `[n, d_in + d_out]`: input and target side by side."""
         x = super()._read_rows(lo, hi)
-        y = to_float32(self._target_dset[lo:hi], self.target_dtype)
-        finite = np.isfinite(y).all(axis=1)
-        if not finite.all():
-            bad = lo + int(np.argmin(finite))
-            seq, pos = divmod(bad, self.context_size)
-            raise SAEToolkitError(f"acts/{self.target} in {self.path} has a non-finite value in row {bad} "
-                                  f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
-                                  "--dtype bfloat16 or float32)")
+        y = self._target_dset[lo:hi]
+        self._check_finite(y, lo, self.target)
         return np.concatenate([x, y[self._keep[lo - self._row_start:hi - self._row_start]]], axis=1)
+
+    def _read_group(self, group: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
+        """As ActivationStore's, with both datasets' rows side by side in the (wider) reusable buffer."""
+        width = self.d_in + self.d_out
+        if self._buffers[buffer] is None:
+            self._buffers[buffer] = np.empty((self.buffer_blocks * self._block_rows, width), self._dset.dtype)
+        buf, at, positions = self._buffers[buffer], 0, []
+        for b in group:
+            lo, hi = self._blocks[b]
+            dst = buf[at:at + hi - lo]
+            dst[:, :self.d_in] = self._dset[lo:hi]
+            dst[:, self.d_in:] = self._target_dset[lo:hi]
+            self._check_finite(dst[:, :self.d_in], lo)
+            self._check_finite(dst[:, self.d_in:], lo, self.target)
+            positions.append(at + np.flatnonzero(self._keep[lo - self._row_start:hi - self._row_start]))
+            at += hi - lo
+        return buf, np.concatenate(positions)
+
+    def _host_buffer(self, pin: bool = False) -> torch.Tensor:
+        """An empty [batch, d_in + d_out] host tensor in the stored dtype."""
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else getattr(torch, self._dset.dtype.name)
+        return torch.empty(self.batch_size, self.d_in + self.d_out, dtype=dtype, pin_memory=pin)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored-dtype [batch, d_in + d_out] on the device → float32, each side scaled by its own factor."""
+        return self._scaled(x.to(torch.float32))
 
     def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
         """[n, d_in + d_out] raw → the same with the input part × scale and the target part × target_scale."""
@@ -111,12 +136,6 @@ class PairedActivationStore(ActivationStore):
             return rows
         factors = torch.cat([torch.full((self.d_in,), self.scale), torch.full((self.d_out,), self.target_scale)])
         return rows * factors.to(rows)
-
-    def _to_device(self, rows: np.ndarray) -> torch.Tensor:
-        x = self._scaled(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
 
     def next_batch(self) -> Pair:  # type: ignore[override]  # a Pair instead of one tensor: the point of the class
         """The next `Pair(x [batch, d_in], y [batch, d_out])` on `device`, scaled."""

@@ -242,8 +242,9 @@ class ActivationStore:
         keep = self._keep[lo - self._row_start:hi - self._row_start]
         return rows if keep.all() else rows[keep]  # no copy when nothing is excluded
 
-    def _check_finite(self, rows: np.ndarray, lo: int) -> None:
-        """Raise naming the first row (file row `lo` + i) of `rows` with a non-finite value."""
+    def _check_finite(self, rows: np.ndarray, lo: int, name: str | None = None) -> None:
+        """Raise naming the first row (file row `lo` + i) of `rows` (of acts/`name`, default the hookpoint) with a
+        non-finite value."""
         if rows.itemsize == 2:  # float16 / bfloat16 bits: inf or nan have every exponent bit set
             # integer ops on the bits: numpy's float16 arithmetic is emulated and ~20x slower
             exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
@@ -253,7 +254,7 @@ class ActivationStore:
         if not finite.all():
             bad = lo + int(np.argmin(finite))
             seq, pos = divmod(bad, self.context_size)
-            raise SAEToolkitError(f"acts/{self.hookpoint} in {self.path} has a non-finite value in row {bad} "
+            raise SAEToolkitError(f"acts/{name or self.hookpoint} in {self.path} has a non-finite value in row {bad} "
                                   f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
                                   "--dtype bfloat16 or float32)")
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import ARCHS, SAE, SAEConfig, export_saelens, fold_scales_, load_saelens_transcoder, make_sae
+from sae_toolkit.sae.config import TOPK_FAMILY
 
 D_IN, D_OUT, D_SAE, K = 8, 6, 32, 4
 
@@ -16,7 +17,7 @@ D_IN, D_OUT, D_SAE, K = 8, 6, 32, 4
 def transcoder(arch: str, skip: bool = True, seed: int = 0, **kw) -> SAE:
     """A float64 transcoder of `arch` (mlp_in.1 → mlp_out.1, d_out ≠ d_in) with every parameter randomised."""
     torch.manual_seed(seed)
-    cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, k=K if "topk" in arch else None,
+    cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, k=K if arch in TOPK_FAMILY else None,
                     hookpoint="mlp_in.1", target="mlp_out.1", skip=skip, dtype="float64", model="tiny-llama", **kw)
     sae = make_sae(cfg)
     with torch.no_grad():
