@@ -98,6 +98,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         device=args.device,
         seq_range=args.seqs,
         ce_windows=args.ce_windows,
+        effects=args.effects,
+        effect_examples=args.effect_examples,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -107,6 +109,36 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     out = export_saelens(args.sae_dir, args.out)
     print(f"wrote {args.format} SAE to {out}")
+
+
+def _latent_value(text: str) -> tuple[int, float]:
+    """`I=V` → (latent I, value V) for --feature / --scale."""
+    i, sep, v = text.partition("=")
+    try:
+        return int(i), float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write FEATURE=VALUE, e.g. 123=8") from None
+
+
+def _cmd_steer(args: argparse.Namespace) -> None:
+    from sae_toolkit.analysis.steering import generate, side_by_side
+    from sae_toolkit.model.loading import load_model
+    from sae_toolkit.sae import SAE
+    from sae_toolkit.units import resolve_device
+
+    if not args.feature and not args.scale:
+        raise SAEToolkitError("nothing to steer: give --feature I=V (0 ablates) or --scale I=FACTOR")
+    device = resolve_device(args.device)
+    sae = SAE.load(args.sae_dir, device=device)
+    model, tok = load_model(args.model, device=device)
+    features, scale = dict(args.feature or []), dict(args.scale or [])
+    out = generate(model, tok, sae, args.prompt, features, scale=scale, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed)
+    edits = [f"{i}={v:g}" for i, v in features.items()] + [f"{i}*={v:g}" for i, v in scale.items()]
+    mode = "greedy" if args.temperature == 0 else f"sampled, temperature {args.temperature:g}, seed {args.seed}"
+    print(f"prompt: {args.prompt!r}")
+    print(f"steering {sae.cfg.hookpoint}: {', '.join(edits)} at every position; {args.max_new_tokens} tokens, {mode}")
+    print(side_by_side(out.baseline, out.steered))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -166,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
     a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
+    a.add_argument("--effects", type=int, default=32,
+                   help="features whose ablation effect on next-token log-probs is measured with --model (0: off)")
+    a.add_argument("--effect-examples", type=int, default=8, help="top examples per feature for --effects")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory")
     a.set_defaults(func=_cmd_analyze)
@@ -175,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", required=True, choices=["saelens"])
     e.add_argument("--out", required=True)
     e.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("steer", help="generate with SAE features clamped, ablated or scaled, beside the baseline")
+    s.add_argument("sae_dir", help="SAE directory or training RUN_DIR")
+    s.add_argument("--model", required=True, help="model SPEC the SAE was trained on")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--feature", type=_latent_value, action="append", metavar="I=V",
+                   help="set feature I to V at every position (0 ablates); repeatable")
+    s.add_argument("--scale", type=_latent_value, action="append", metavar="I=F",
+                   help="multiply feature I by F; repeatable")
+    s.add_argument("--max-new-tokens", type=int, default=30)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (both continuations use it)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_steer)
 
     d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
     d.add_argument("--out", default="demo_out")

@@ -208,6 +208,14 @@ function select(idx) {
   } else {
     right.append(el("div", "note", D.meta.lens_note || "run analyze with --model to see the tokens it promotes"));
   }
+  const eff = (D.effects || {})[f[0]];
+  if (eff) {
+    right.append(el("h4", null, "Ablation effect (measured)"),
+                 el("div", "note", "log-prob falls when ablated (it promotes)"), lensTable("pos", eff.falls),
+                 el("div", "note", "log-prob rises when ablated (it suppresses)"), lensTable("neg", eff.rises),
+                 el("div", "note", "mean change of the next-token log-prob over " + eff.n +
+                    " top examples with this feature ablated at the peak"));
+  }
   for (const r of list.children) r.classList.toggle("sel", r.firstChild.textContent === "#" + idx);
   if (location.hash !== "#" + idx) history.replaceState(null, "", "#" + idx);
 }

@@ -31,6 +31,7 @@ from sae_toolkit.analysis.evaluation import (
     scan,
     weight_stats,
 )
+from sae_toolkit.analysis.effects import AblationEffects, ablation_effects, pick_sites
 from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.units import resolve_device
@@ -54,12 +55,15 @@ class Report(NamedTuple):
 
 def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: str | None = None,
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
-                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096) -> Path:
+                 seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
+                 effects: int = 32, effect_examples: int = 8, effect_features: list[int] | None = None) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
     tokens / seq_range limit the evaluated windows. With `model` (a model SPEC), also the logit lens and CE/KL with
-    the SAE spliced in, over the first `ce_windows` evaluated windows (three forwards each).
+    the SAE spliced in, over the first `ce_windows` evaluated windows (three forwards each), and the measured
+    ablation effects (effects.py) of `effects` features (or of `effect_features`) at `effect_examples` top
+    examples each (two forwards per example; effects=0 turns them off).
     """
     from sae_toolkit.sae import SAE
 
@@ -71,7 +75,7 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
     reader = ActsReader(acts, sae.cfg.hookpoint or None, d_in=sae.cfg.d_in, seq_range=seq_range, tokens=tokens)
     with reader:
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
-        lens, model_m, notes = None, {}, []
+        lens, model_m, notes, effects_res = None, {}, [], None
         if model:
             from sae_toolkit.model.loading import load_model
 
@@ -88,6 +92,9 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
             model_m = acc.compute()
             notes.append(f"CE/KL over the first {n_ce} of {reader.seq_range[1] - s0} evaluated windows "
                          f"(sequences {s0}..{s0 + n_ce}; raise with --ce-windows)")
+            if res.top is not None and (effects > 0 or effect_features):
+                effects_res = _measure_effects(sae, mdl, tok, res, reader, effects, effect_examples,
+                                               effect_features, device, notes)
             del mdl
     provenance = {
         "sae": str(path.resolve()), "run_dir": str(run_dir.resolve()) if run_dir else None,
@@ -95,12 +102,29 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
         "analysis_seconds": round(time.perf_counter() - t0, 2),
     }
     return write_report(out, sae, res, weight_stats(sae), lens=lens, model_metrics=model_m, notes=notes,
-                        provenance=provenance, run_dir=run_dir)
+                        provenance=provenance, run_dir=run_dir, effects=effects_res)
+
+
+def _measure_effects(sae, mdl, tok, res: Scan, reader: ActsReader, n: int, per_latent: int,
+                     latents: list[int] | None, device: str, notes: list[str]) -> AblationEffects | None:
+    bad = [i for i in latents or [] if not 0 <= i < sae.cfg.d_sae]
+    if bad:
+        raise SAEToolkitError(f"effect feature {bad[0]} is not a latent of this SAE; use 0 … {sae.cfg.d_sae - 1}")
+    sites = pick_sites(res, n, per_latent, latents)
+    windows = dict(zip(sorted({s for lst in sites.values() for s, _ in lst}),
+                       reader.tokens(sorted({s for lst in sites.values() for s, _ in lst}))))
+    try:
+        eff = ablation_effects(sae, mdl, tok, sites, windows, hookpoint=reader.hookpoint, device=device)
+    except SAEToolkitError as e:
+        notes.append(f"ablation effects skipped: {e}")
+        return None
+    notes.append(f"ablation effects for {len(sites)} features (raise with --effects N, 0 turns them off)")
+    return eff
 
 
 def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens: LogitLens | None = None,
                  model_metrics: dict | None = None, notes: list[str] | None = None, provenance: dict | None = None,
-                 run_dir: Path | None = None, html_examples: int = 10) -> Path:
+                 run_dir: Path | None = None, html_examples: int = 10, effects: AblationEffects | None = None) -> Path:
     """Write every file of the report directory from analysis results (build_report's second half)."""
     from sae_toolkit.analysis.exports import write_neuronpedia, write_saebench
 
@@ -115,6 +139,8 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
     except ImportError:
         notes.append("features.parquet skipped: install pyarrow (pip install 'sae-toolkit[report]')")
     metrics = _clean(_metrics_json(sae, res, model_metrics or {}, notes, provenance or {}, lens))
+    metrics["ablation_effects"] = None if effects is None else {"features": len(effects.examples),
+                                                                 "note": effects.note}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
     records = []
@@ -129,6 +155,10 @@ def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens:
                                     zip(lens.top_tokens[i], lens.top_values[i].tolist())]
                 rec["logit_neg"] = [{"token": t, "value": float(v)} for t, v in
                                     zip(lens.bottom_tokens[i], lens.bottom_values[i].tolist())]
+            if effects is not None and i in effects.examples:
+                rec["ablation_falls"] = [{"token": t, "value": v} for t, v in effects.falls[i]]
+                rec["ablation_rises"] = [{"token": t, "value": v} for t, v in effects.rises[i]]
+                rec["ablation_examples"] = effects.examples[i]
             _round_examples(rec)
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             records.append(rec)
@@ -324,7 +354,7 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         return [finite(e["activation"]), e["seq"], e["peak"], [tid(t) for t in e["tokens"]],
                 [finite(v, 3) or 0 for v in e["values"]]]
 
-    features, examples, lens_data = [], {}, {}
+    features, examples, lens_data, effects_data = [], {}, {}, {}
     # The page holds every alive latent's examples; past ~200k example lines a browser struggles, so large
     # dictionaries show fewer per latent (the full lists stay in top_activations.jsonl).
     alive = sum(1 for r in records if r["examples"])
@@ -342,6 +372,10 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         if "logit_pos" in rec:
             lens_data[i] = {"pos": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_pos"]],
                             "neg": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_neg"]]}
+        if "ablation_falls" in rec:
+            effects_data[i] = {"falls": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_falls"]],
+                               "rises": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_rises"]],
+                               "n": rec["ablation_examples"]}
     m = metrics
     pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.1%}"
     num = lambda v, d=3: "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
@@ -366,6 +400,7 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         "features": features,
         "examples": examples,
         "lens": lens_data,
+        "effects": effects_data,
     }
 
 
