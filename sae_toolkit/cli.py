@@ -141,6 +141,38 @@ def _cmd_steer(args: argparse.Namespace) -> None:
     print(side_by_side(out.baseline, out.steered))
 
 
+def _feature_list(text: str) -> list[int]:
+    """`1,5,10-12` → [1, 5, 10, 11, 12]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read feature list {text!r}: write e.g. 3,17,40-45") from None
+    return out
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from sae_toolkit.analysis.explainers import make_explainer
+    from sae_toolkit.analysis.explanations import explain_report
+    from sae_toolkit.units import resolve_device
+
+    explainer = make_explainer(args.explainer, api_key_env=args.api_key_env, model=args.explainer_model,
+                               device=resolve_device(args.device))
+    path = explain_report(args.report_dir, explainer, features=args.features, n_features=args.n_features,
+                          seed=args.seed)
+    from sae_toolkit.analysis.report import load_explanations
+
+    rows = load_explanations(path.parent)
+    for i in args.features or sorted(rows):
+        r = rows.get(i)
+        if r is not None:
+            ba = r["detection"].get("balanced_accuracy")
+            print(f"feature {i:>6}  detection {'n/a' if ba is None else f'{ba:.2f}'}  {r['explanation']}")
+    print(f"wrote {path} and updated {path.parent / 'report.html'}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sae_toolkit.demo import run_demo
 
@@ -224,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed (both continuations use it)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_steer)
+
+    x = sub.add_parser("explain", help="explain report features with a chat model and score them by detection")
+    x.add_argument("report_dir", help="report directory written by analyze")
+    x.add_argument("--explainer", required=True,
+                   help="OpenAI-compatible endpoint (http://host:port/v1) or a local chat model SPEC")
+    x.add_argument("--explainer-model", default=None, help="the endpoint's model name (default: its first model)")
+    x.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    x.add_argument("--features", type=_feature_list, default=None, help="e.g. 3,17,40-45 (default: a sample)")
+    x.add_argument("--n-features", type=int, default=20, help="size of the seeded random sample of features")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--device", default="auto", help="device of a local explainer model")
+    x.set_defaults(func=_cmd_explain)
 
     d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
     d.add_argument("--out", default="demo_out")

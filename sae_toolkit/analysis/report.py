@@ -36,6 +36,9 @@ from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.units import resolve_device
 
+EXPLANATIONS_NAME = "explanations.jsonl"
+"""Written by `sae-toolkit explain` (explanations.py) into the report directory; the page shows it."""
+
 _HTML_EXAMPLE_LINES = 200_000
 """Example lines report.html embeds at most (about 40 MB of page); see `_page_data`."""
 
@@ -174,7 +177,10 @@ def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: P
     from sae_toolkit.analysis.html import render
 
     plots = _plots(out / "plots", metrics, table, run_dir)
-    page = render(_page_data(metrics, table, records, plots, html_examples))
+    data = _page_data(metrics, table, records, plots, html_examples)
+    data["explanations"] = {i: [r.get("explanation", ""), (r.get("detection") or {}).get("balanced_accuracy")]
+                            for i, r in load_explanations(out).items()}
+    page = render(data)
     (out / "report.html").write_text(page, encoding="utf-8")
 
 
@@ -186,6 +192,19 @@ def rebuild_html(path: str | Path, html_examples: int = 10) -> Path:
     records = [rep.top_activations[i] for i in sorted(rep.top_activations)]
     _write_page(rep.path, rep.metrics, rep.features, records, run_dir, html_examples)
     return rep.path / "report.html"
+
+
+def load_explanations(folder: str | Path) -> dict[int, dict]:
+    """explanations.jsonl of a report directory by feature ({} when `explain` has not run on it)."""
+    path = Path(folder) / EXPLANATIONS_NAME
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[int(r["feature"])] = r
+    return out
 
 
 def load_report(path: str | Path) -> Report:
