@@ -230,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=20, help="top activating examples per latent")
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
     a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (3 forwards each)")
-    a.add_argument("--effects", type=int, default=32,
+    a.add_argument("--effects", type=int, default=16,
                    help="features whose ablation effect on next-token log-probs is measured with --model (0: off)")
-    a.add_argument("--effect-examples", type=int, default=8, help="top examples per feature for --effects")
+    a.add_argument("--effect-examples", type=int, default=4, help="top examples per feature for --effects")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory")
     a.set_defaults(func=_cmd_analyze)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sae_toolkit import __version__
+from sae_toolkit.analysis.effects import AblationEffects, ablation_effects, pick_sites
 from sae_toolkit.analysis.evaluation import (
     ActsReader,
     LogitLens,
@@ -31,7 +32,6 @@ from sae_toolkit.analysis.evaluation import (
     scan,
     weight_stats,
 )
-from sae_toolkit.analysis.effects import AblationEffects, ablation_effects, pick_sites
 from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.units import resolve_device
@@ -59,7 +59,7 @@ class Report(NamedTuple):
 def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: str | None = None,
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
                  seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
-                 effects: int = 32, effect_examples: int = 8, effect_features: list[int] | None = None) -> Path:
+                 effects: int = 16, effect_examples: int = 4, effect_features: list[int] | None = None) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
