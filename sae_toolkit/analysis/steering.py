@@ -17,6 +17,7 @@ activation is passed through untouched, so the model's outputs are bit-identical
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -49,8 +50,9 @@ def steering_delta(sae, x: Tensor, set_to: Mapping[int, float], scale: Mapping[i
 def _check_latents(sae, name: str, values: Mapping[int, float]) -> dict[int, float]:
     out = {}
     for i, v in values.items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < sae.cfg.d_sae:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < sae.cfg.d_sae:
             raise SAEToolkitError(f"{name}: feature {i!r} is not a latent of this SAE; use 0 … {sae.cfg.d_sae - 1}")
+        i = int(i)  # numpy / torch integers too
         try:
             v = float(v)
         except (TypeError, ValueError):
