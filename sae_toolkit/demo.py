@@ -38,6 +38,8 @@ class DemoConfig:
     batch_size: int = 1024
     ce_windows: int = 32
     """Held-out windows for the CE/KL splice metrics (each needs three full forwards of the model)."""
+    effects: int = 16
+    """Features whose ablation effect the report measures (4 top examples each, two forwards per example)."""
     quick: bool = False
 
     @classmethod
@@ -45,7 +47,8 @@ class DemoConfig:
         if not quick:
             return cls()
         # Same code path, seconds long: for the test suite.
-        return cls(tokens=2048, train_tokens=8192, batch_size=256, expansion=2, k=16, ce_windows=2, quick=True)
+        return cls(tokens=2048, train_tokens=8192, batch_size=256, expansion=2, k=16, ce_windows=2, effects=2,
+                   quick=True)
 
 
 @dataclass
@@ -100,7 +103,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "a
     t0 = time.perf_counter()
     shutil.rmtree(report, ignore_errors=True)
     build_report(run, acts=str(acts), out=str(report), model=cfg.model, device=device, seq_range=eval_range,
-                 ce_windows=cfg.ce_windows)
+                 ce_windows=cfg.ce_windows, effects=cfg.effects)
     times["analyze"] = time.perf_counter() - t0
 
     metrics = json.loads((report / "metrics.json").read_text())
