@@ -24,6 +24,7 @@ _EXPORTS = {
     "evaluate": "sae_toolkit.analysis.evaluation",
     "build_report": "sae_toolkit.analysis.report",
     "load_report": "sae_toolkit.analysis.report",
+    "steer": "sae_toolkit.analysis.steering",
     "run_demo": "sae_toolkit.demo",
 }
 

@@ -203,6 +203,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
         allow_mismatch=args.allow_mismatch,
         outlier_multiple=args.outlier_multiple,
         exclude_first_positions=args.exclude_first_positions,
+        effects=args.effects,
+        effect_examples=args.effect_examples,
     )
     print(f"wrote report to {out} (open {out / 'report.html'})")
 
@@ -221,6 +223,68 @@ def _cmd_import(args: argparse.Namespace) -> None:
     fmt = sae.cfg.extra.get("source_format", "sae-toolkit")
     print(f"wrote sae-toolkit SAE ({sae.cfg.arch}, d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}, hookpoint "
           f"{sae.cfg.hookpoint or '?'}) imported from {fmt} to {out}")
+
+
+def _latent_value(text: str) -> tuple[int, float]:
+    """`I=V` → (latent I, value V) for --feature / --scale."""
+    i, sep, v = text.partition("=")
+    try:
+        return int(i), float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write FEATURE=VALUE, e.g. 123=8") from None
+
+
+def _cmd_steer(args: argparse.Namespace) -> None:
+    from sae_toolkit.analysis.steering import generate, side_by_side
+    from sae_toolkit.model.loading import load_model
+    from sae_toolkit.sae import SAE
+    from sae_toolkit.units import resolve_device
+
+    if not args.feature and not args.scale:
+        raise SAEToolkitError("nothing to steer: give --feature I=V (0 ablates) or --scale I=FACTOR")
+    device = resolve_device(args.device)
+    sae = SAE.load(args.sae_dir, device=device)
+    model, tok = load_model(args.model, device=device)
+    features, scale = dict(args.feature or []), dict(args.scale or [])
+    out = generate(model, tok, sae, args.prompt, features, scale=scale, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed)
+    edits = [f"{i}={v:g}" for i, v in features.items()] + [f"{i}*={v:g}" for i, v in scale.items()]
+    mode = "greedy" if args.temperature == 0 else f"sampled, temperature {args.temperature:g}, seed {args.seed}"
+    print(f"prompt: {args.prompt!r}")
+    print(f"steering {sae.cfg.hookpoint}: {', '.join(edits)} at every position; {args.max_new_tokens} tokens, {mode}")
+    print(side_by_side(out.baseline, out.steered))
+
+
+def _feature_list(text: str) -> list[int]:
+    """`1,5,10-12` → [1, 5, 10, 11, 12]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read feature list {text!r}: write e.g. 3,17,40-45") from None
+    return out
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from sae_toolkit.analysis.explainers import make_explainer
+    from sae_toolkit.analysis.explanations import explain_report
+    from sae_toolkit.units import resolve_device
+
+    explainer = make_explainer(args.explainer, api_key_env=args.api_key_env, model=args.explainer_model,
+                               device=resolve_device(args.device))
+    path = explain_report(args.report_dir, explainer, features=args.features, n_features=args.n_features,
+                          seed=args.seed)
+    from sae_toolkit.analysis.report import load_explanations
+
+    rows = load_explanations(path.parent)
+    for i in args.features or sorted(rows):
+        r = rows.get(i)
+        if r is not None:
+            ba = r["detection"].get("balanced_accuracy")
+            print(f"feature {i:>6}  detection {'n/a' if ba is None else f'{ba:.2f}'}  {r['explanation']}")
+    print(f"wrote {path} and updated {path.parent / 'report.html'}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -316,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seqs", type=_seq_range, default=None, help="evaluate on sequences START:STOP only")
     a.add_argument("--ce-windows", type=int, default=64, help="windows for the CE/KL metrics (4 forwards each)")
     _outlier_flags(a)
+    a.add_argument("--effects", type=int, default=16,
+                   help="features whose ablation effect on next-token log-probs is measured with --model (0: off)")
+    a.add_argument("--effect-examples", type=int, default=4, help="top examples per feature for --effects")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True, help="report directory (new, empty, or an earlier report)")
     a.add_argument("--force", action="store_true", help="also replace a report an older sae-toolkit wrote")
@@ -337,6 +404,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hookpoint", default=None,
                    help="our hookpoint for the SAE (overrides the mapped one), or the sub-folder to pick")
     m.set_defaults(func=_cmd_import)
+
+    s = sub.add_parser("steer", help="generate with SAE features clamped, ablated or scaled, beside the baseline")
+    s.add_argument("sae_dir", help="SAE directory or training RUN_DIR")
+    s.add_argument("--model", required=True, help="model SPEC the SAE was trained on")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--feature", type=_latent_value, action="append", metavar="I=V",
+                   help="set feature I to V at every position (0 ablates); repeatable")
+    s.add_argument("--scale", type=_latent_value, action="append", metavar="I=F",
+                   help="multiply feature I by F; repeatable")
+    s.add_argument("--max-new-tokens", type=int, default=30)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (both continuations use it)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_steer)
+
+    x = sub.add_parser("explain", help="explain report features with a chat model and score them by detection")
+    x.add_argument("report_dir", help="report directory written by analyze")
+    x.add_argument("--explainer", required=True,
+                   help="OpenAI-compatible endpoint (http://host:port/v1) or a local chat model SPEC")
+    x.add_argument("--explainer-model", default=None, help="the endpoint's model name (default: its first model)")
+    x.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    x.add_argument("--features", type=_feature_list, default=None, help="e.g. 3,17,40-45 (default: a sample)")
+    x.add_argument("--n-features", type=int, default=20, help="size of the seeded random sample of features")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--device", default="auto", help="device of a local explainer model")
+    x.set_defaults(func=_cmd_explain)
 
     d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
     d.add_argument("--out", default="demo_out")

@@ -45,6 +45,8 @@ class DemoConfig:
     batch_size: int = 1024
     ce_windows: int = 32
     """Held-out windows for the CE/KL splice metrics (each needs three full forwards of the model)."""
+    effects: int = 16
+    """Features whose ablation effect the report measures (4 top examples each, two forwards per example)."""
     quick: bool = False
 
     @classmethod
@@ -52,7 +54,8 @@ class DemoConfig:
         if not quick:
             return cls()
         # Same code path, seconds long: for the test suite.
-        return cls(tokens=2048, train_tokens=8192, batch_size=256, expansion=2, k=16, ce_windows=2, quick=True)
+        return cls(tokens=2048, train_tokens=8192, batch_size=256, expansion=2, k=16, ce_windows=2, effects=2,
+                   quick=True)
 
 
 @dataclass
@@ -112,7 +115,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, device: str = "a
     print(f"[3/3] analyzing on held-out sequences {eval_range[0]}..{eval_range[1]} with the model spliced")
     t0 = time.perf_counter()
     build_report(run, acts=str(acts), out=str(report), model=cfg.model, device=device, seq_range=eval_range,
-                 ce_windows=cfg.ce_windows, force=True)
+                 ce_windows=cfg.ce_windows, force=True, effects=cfg.effects)
     times["analyze"] = time.perf_counter() - t0
 
     metrics = json.loads((report / "metrics.json").read_text())

@@ -123,7 +123,8 @@ const search = F.map((f) => {
   const ex = D.examples[f[0]] || {};
   const peaks = (ex.top || []).map((e) => V[e[3][e[2]]]);
   const lens = D.lens[f[0]] ? D.lens[f[0]].pos.map((p) => V[p[0]]) : [];
-  return [V[f[7]], ...peaks, ...lens].join("\\u0000").toLowerCase();
+  const expl = (D.explanations || {})[f[0]] ? [D.explanations[f[0]][0]] : [];
+  return [V[f[7]], ...peaks, ...lens, ...expl].join("\\u0000").toLowerCase();
 });
 const list = document.getElementById("list"), q = document.getElementById("q"), sort = document.getElementById("sort");
 let selected = D.meta.default_feature;
@@ -187,6 +188,13 @@ function select(idx) {
     const s = el("span"); s.append(k + " ", el("b", null, v)); st.append(s);
   }
   det.append(st);
+  const expl = (D.explanations || {})[f[0]];
+  if (expl) {
+    const p = el("p", "expl");
+    p.append(el("b", null, "Explanation: "), expl[0] || "(empty)",
+             el("span", "muted", " — detection balanced accuracy " + (expl[1] === null ? "n/a" : fmt(expl[1], 2))));
+    det.append(p);
+  }
   const cols = el("div", "cols"), left = el("div"), right = el("div", "lens");
   cols.append(left, right); det.append(cols);
   const ex = D.examples[f[0]];
@@ -207,6 +215,14 @@ function select(idx) {
                  el("div", "note", "W_dec[f] @ W_U; " + D.meta.lens_note));
   } else {
     right.append(el("div", "note", D.meta.lens_note || "run analyze with --model to see the tokens it promotes"));
+  }
+  const eff = (D.effects || {})[f[0]];
+  if (eff) {
+    right.append(el("h4", null, "Ablation effect (measured)"),
+                 el("div", "note", "log-prob falls when ablated (it promotes)"), lensTable("pos", eff.falls),
+                 el("div", "note", "log-prob rises when ablated (it suppresses)"), lensTable("neg", eff.rises),
+                 el("div", "note", "mean change of the next-token log-prob over " + eff.n +
+                    " top examples with this feature ablated at the peak"));
   }
   for (const r of list.children) r.classList.toggle("sel", r.firstChild.textContent === "#" + idx);
   if (location.hash !== "#" + idx) history.replaceState(null, "", "#" + idx);

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sae_toolkit import __version__
+from sae_toolkit.analysis.effects import AblationEffects, ablation_effects, pick_sites
 from sae_toolkit.analysis.evaluation import (
     ActsReader,
     LogitLens,
@@ -36,6 +37,9 @@ from sae_toolkit.analysis.metrics import density_histogram
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import atomic_dir, check_out_dir, only_names
 from sae_toolkit.units import resolve_device
+
+EXPLANATIONS_NAME = "explanations.jsonl"
+"""Written by `sae-toolkit explain` (explanations.py) into the report directory; the page shows it."""
 
 _HTML_EXAMPLE_LINES = 200_000
 """Example lines report.html embeds at most (about 40 MB of page); see `_page_data`."""
@@ -77,12 +81,15 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
                  tokens: int | None = None, top_k: int = 20, device: str = "auto",
                  seq_range: tuple[int, int] | None = None, ce_windows: int = 64, batch_tokens: int = 4096,
                  force: bool = False, allow_mismatch: bool = False,
-                 outlier_multiple: float | None = 5.0, exclude_first_positions: int = 0) -> Path:
+                 outlier_multiple: float | None = 5.0, exclude_first_positions: int = 0,
+                 effects: int = 16, effect_examples: int = 4, effect_features: list[int] | None = None) -> Path:
     """Analyze the SAE of `path` (a training RUN_DIR with sae/ and metrics.jsonl, or an SAE directory) on the
     activation file `acts` and write the report directory `out`; returns `out`.
 
     tokens / seq_range limit the evaluated windows. With `model` (a model SPEC), also the logit lens and CE/KL with
-    the SAE spliced in, over the first `ce_windows` evaluated windows (four forwards each). outlier_multiple,
+    the SAE spliced in, over the first `ce_windows` evaluated windows (four forwards each), and the measured
+    ablation effects (effects.py) of `effects` features (or of `effect_features`) at `effect_examples` top
+    examples each (two forwards per example; effects=0 turns them off). outlier_multiple,
     exclude_first_positions: the massive-activation positions to exclude (activations.outliers).
 
     `out` must be new, empty or an earlier report (files.py); it appears complete or not at all. The SAE must have
@@ -117,7 +124,7 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
     with reader:
         notes += check_acts(sae, reader, allow_mismatch=allow_mismatch, where=path)
         res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
-        lens, model_m = None, {}
+        lens, model_m, effects_res = None, {}, None
         if model:
             from sae_toolkit.model.loading import load_model
 
@@ -136,6 +143,9 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
             model_m = acc.compute()
             notes.append(f"CE/KL over the first {n_ce} of {reader.seq_range[1] - s0} evaluated windows "
                          f"(sequences {s0}..{s0 + n_ce}; raise with --ce-windows)")
+            if res.top is not None and (effects > 0 or effect_features):
+                effects_res = _measure_effects(sae, mdl, tok, res, reader, effects, effect_examples,
+                                               effect_features, device, notes)
             del mdl
     provenance = {
         "sae": str(path.resolve()), "run_dir": str(run_dir.resolve()) if run_dir else None,
@@ -143,24 +153,45 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
         "analysis_seconds": round(time.perf_counter() - t0, 2),
     }
     return write_report(out, sae, res, weight_stats(sae), lens=lens, model_metrics=model_m, notes=notes,
-                        provenance=provenance, run_dir=run_dir, force=force)
+                        provenance=provenance, run_dir=run_dir, force=force,
+                        effects=effects_res)
+
+
+def _measure_effects(sae, mdl, tok, res: Scan, reader: ActsReader, n: int, per_latent: int,
+                     latents: list[int] | None, device: str, notes: list[str]) -> AblationEffects | None:
+    bad = [i for i in latents or [] if not 0 <= i < sae.cfg.d_sae]
+    if bad:
+        raise SAEToolkitError(f"effect feature {bad[0]} is not a latent of this SAE; use 0 … {sae.cfg.d_sae - 1}")
+    sites = pick_sites(res, n, per_latent, latents)
+    windows = dict(zip(sorted({s for lst in sites.values() for s, _ in lst}),
+                       reader.tokens(sorted({s for lst in sites.values() for s, _ in lst}))))
+    try:
+        eff = ablation_effects(sae, mdl, tok, sites, windows, hookpoint=reader.hookpoint, device=device)
+    except SAEToolkitError as e:
+        notes.append(f"ablation effects skipped: {e}")
+        return None
+    notes.append(f"ablation effects for {len(sites)} features (raise with --effects N, 0 turns them off)")
+    return eff
 
 
 def write_report(out: str | Path, sae, res: Scan, weights: WeightStats, *, lens: LogitLens | None = None,
                  model_metrics: dict | None = None, notes: list[str] | None = None, provenance: dict | None = None,
-                 run_dir: Path | None = None, html_examples: int = 10, force: bool = False) -> Path:
+                 run_dir: Path | None = None, html_examples: int = 10, force: bool = False,
+                 effects: AblationEffects | None = None) -> Path:
     """Write every file of the report directory from analysis results (build_report's second half).
 
     Written into a temporary sibling and renamed into place: a kill leaves the old report or the new one, and a
     rewrite leaves none of the old report's files (e.g. Neuronpedia batches of a larger SAE) behind."""
     with atomic_dir(out, "report", force=force, legacy=REPORT_LEGACY) as tmp:
-        _write_report_files(tmp, sae, res, weights, lens, model_metrics, notes, provenance, run_dir, html_examples)
+        _write_report_files(tmp, sae, res, weights, lens, model_metrics, notes, provenance, run_dir, html_examples,
+                            effects)
     return Path(out)
 
 
 def _write_report_files(out: Path, sae, res: Scan, weights: WeightStats, lens: LogitLens | None,
                         model_metrics: dict | None, notes: list[str] | None, provenance: dict | None,
-                        run_dir: Path | None, html_examples: int) -> None:
+                        run_dir: Path | None, html_examples: int,
+                        effects: AblationEffects | None) -> None:
     from sae_toolkit.analysis.exports import write_neuronpedia, write_saebench
 
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -173,6 +204,8 @@ def _write_report_files(out: Path, sae, res: Scan, weights: WeightStats, lens: L
     except ImportError:
         notes.append("features.parquet skipped: install pyarrow (pip install 'sae-toolkit[report]')")
     metrics = _clean(_metrics_json(sae, res, model_metrics or {}, notes, provenance or {}, lens))
+    metrics["ablation_effects"] = None if effects is None else {"features": len(effects.examples),
+                                                                 "note": effects.note}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
     records = []
@@ -187,6 +220,10 @@ def _write_report_files(out: Path, sae, res: Scan, weights: WeightStats, lens: L
                                     zip(lens.top_tokens[i], lens.top_values[i].tolist())]
                 rec["logit_neg"] = [{"token": t, "value": float(v)} for t, v in
                                     zip(lens.bottom_tokens[i], lens.bottom_values[i].tolist())]
+            if effects is not None and i in effects.examples:
+                rec["ablation_falls"] = [{"token": t, "value": v} for t, v in effects.falls[i]]
+                rec["ablation_rises"] = [{"token": t, "value": v} for t, v in effects.rises[i]]
+                rec["ablation_examples"] = effects.examples[i]
             _round_examples(rec)
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             records.append(rec)
@@ -201,7 +238,10 @@ def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: P
     from sae_toolkit.analysis.html import render
 
     plots = _plots(out / "plots", metrics, table, run_dir)
-    page = render(_page_data(metrics, table, records, plots, html_examples))
+    data = _page_data(metrics, table, records, plots, html_examples)
+    data["explanations"] = {i: [r.get("explanation", ""), (r.get("detection") or {}).get("balanced_accuracy")]
+                            for i, r in load_explanations(out).items()}
+    page = render(data)
     (out / "report.html").write_text(page, encoding="utf-8")
 
 
@@ -220,6 +260,19 @@ def rebuild_html(path: str | Path, html_examples: int = 10) -> Path:
         (tmp / "plots").mkdir()
         _write_page(tmp, rep.metrics, rep.features, records, run_dir, html_examples)
     return rep.path / "report.html"
+
+
+def load_explanations(folder: str | Path) -> dict[int, dict]:
+    """explanations.jsonl of a report directory by feature ({} when `explain` has not run on it)."""
+    path = Path(folder) / EXPLANATIONS_NAME
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[int(r["feature"])] = r
+    return out
 
 
 def load_report(path: str | Path) -> Report:
@@ -394,7 +447,7 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         return [finite(e["activation"]), e["seq"], e["peak"], [tid(t) for t in e["tokens"]],
                 [finite(v, 3) or 0 for v in e["values"]]]
 
-    features, examples, lens_data = [], {}, {}
+    features, examples, lens_data, effects_data = [], {}, {}, {}
     # The page holds every alive latent's examples; past ~200k example lines a browser struggles, so large
     # dictionaries show fewer per latent (the full lists stay in top_activations.jsonl).
     alive = sum(1 for r in records if r["examples"])
@@ -412,6 +465,10 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         if "logit_pos" in rec:
             lens_data[i] = {"pos": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_pos"]],
                             "neg": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_neg"]]}
+        if "ablation_falls" in rec:
+            effects_data[i] = {"falls": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_falls"]],
+                               "rises": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_rises"]],
+                               "n": rec["ablation_examples"]}
     m = metrics
     pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.1%}"
     num = lambda v, d=3: "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
@@ -448,6 +505,7 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         "features": features,
         "examples": examples,
         "lens": lens_data,
+        "effects": effects_data,
     }
 
 
