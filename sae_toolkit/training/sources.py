@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from sae_toolkit.activations.store import ActivationStore
@@ -160,6 +161,9 @@ class HookpointView:
         self.model = shared.model
         self.n_rows = shared.n_rows
         self.seq_range = seq_range or (0, 0)
+        # The shared sources keep every position (no massive-activation exclusion yet), as the Trainer records.
+        self.excluded_positions = np.zeros(0, dtype=bool)
+        self.n_outlier_rows = 0
 
     @property
     def scale(self) -> float:
