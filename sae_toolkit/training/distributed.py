@@ -8,7 +8,7 @@ and the same on every rank, so it commutes with the average), before `max_grad_n
 the global batch's gradient, as one process would) and before Adam. With identical parameters and identical
 averaged gradients, Adam, the projection and the decoder renormalisation keep the weights identical on every
 rank. Dead-latent counters use the OR of `fired` over ranks and the global batch; BatchTopK's running threshold
-(a buffer; DDP's `broadcast_buffers` is off) is averaged. Only rank 0 writes the run folder.
+(a buffer, which DDP leaves alone) is averaged. Only rank 0 writes the run folder.
 
     torchrun --nproc_per_node=8 -m sae_toolkit train acts.h5 --hookpoint mlp_out.6 --arch topk --out run
 """
@@ -193,14 +193,21 @@ class TrainingLoss(nn.Module):
 def wrap_ddp(sae: SAE, loss_fn: Callable[..., TrainOutput] | None, device: torch.device) -> nn.Module:
     """`TrainingLoss(sae, loss_fn)` in DistributedDataParallel (a collective: every rank calls it, in the same
     order for each SAE). Rank 0's parameters are broadcast to all ranks on construction."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # Buffers (BatchTopK's threshold) are averaged by the trainer after each step; rank 0's copy must not overwrite
+    # them before each forward. torch >= 2.13 names that forward_sync_buffers (broadcast_buffers is deprecated);
+    # its one sync at construction is harmless, every rank holds the same buffers then.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(
         TrainingLoss(sae, loss_fn),
         device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda" else None,
-        # buffers (BatchTopK's threshold) are averaged by the trainer; rank 0's copy must not overwrite them
-        broadcast_buffers=False,
+        **no_buffer_sync,
         # every architecture's training_loss gives every parameter a gradient on every batch (AuxK with no dead
         # latent adds nothing, but the main term reaches all of W_enc, b_enc, W_dec, b_dec; unselected TopK rows
         # get zero rows of a dense gradient): tests/training/test_distributed.py checks it per arch, so DDP

@@ -49,6 +49,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# Each rank writes a digest of its final SAE and Adam state (digest.<rank>.json): the ranks must agree bit for bit.
+DIGEST_LAUNCHER = """
+import hashlib, json, sys
+from sae_toolkit.training import distributed
+save_sae = distributed.DistributedTrainer.save_sae
+def digest(t):
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def save_with_digest(self):
+    state = {**{k: digest(v) for k, v in self.sae.state_dict().items()},
+             **{f"adam.{i}.{k}": digest(v) for i, s in enumerate(self.opt.state.values()) for k, v in s.items()}}
+    with open(f"digest.{self.ctx.rank}.json", "w") as f:
+        json.dump(state, f)
+    return save_sae(self)
+distributed.DistributedTrainer.save_sae = save_with_digest
+from sae_toolkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def torchrun(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -110,11 +129,14 @@ def test_every_parameter_gets_a_gradient_on_every_batch(arch: str, extra: dict) 
 
 def test_clipping_applies_to_the_averaged_gradient(tmp_path: Path, toy_acts: Path) -> None:
     """relu with --decoder-norm-penalty clips the gradient norm at 1: on the global batch's (averaged) gradient,
-    as one process does, not on each rank's half."""
+    as one process does, not on each rank's half. The two ranks end bit-identical (weights and Adam state)."""
     args = ["--hookpoint", "hp", "--arch", "relu", "--decoder-norm-penalty", "--expansion", "4", "--batch-size",
             "256", "--tokens", str(6 * 256), "--device", "cpu"]
-    run = torchrun(["-m", "sae_toolkit", "train", str(toy_acts), *args, "--out", str(tmp_path / "ddp")], tmp_path)
+    (tmp_path / "digest.py").write_text(DIGEST_LAUNCHER)
+    run = torchrun(["digest.py", "train", str(toy_acts), *args, "--out", str(tmp_path / "ddp")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == 4 * 4 and ranks[0] == ranks[1]  # W_enc, b_enc, W_dec, b_dec; Adam step, exp_avg(_sq)
     cfg = TrainConfig(acts=str(toy_acts), hookpoint="hp", arch="relu", decoder_norm_penalty=True, expansion=4,
                       batch_size=256, tokens=6 * 256, device="cpu", out=str(tmp_path / "one"))
     assert cfg.max_grad_norm == 1.0
