@@ -1,13 +1,14 @@
 """Data-parallel training under `torchrun`: the process group, the few collectives we need, DistributedTrainer.
 
-Every rank holds a full copy of each SAE and its Adam state and reads its own rows. After backward the gradients
-are averaged over ranks — in an optimizer pre-step hook, so after the trainer's decoder-gradient projection
-(linear, hence it commutes with the average) and before Adam — which is DistributedDataParallel's arithmetic
-without its forward wrapper (our step calls `training_loss`, not `forward`). With identical parameters and
-identical averaged gradients, Adam, the decoder renormalisation and the projection give bit-identical weights
-on every rank. Dead-latent counters use the OR of `fired` over ranks and the global batch; BatchTopK's running
-threshold (a buffer) is averaged. Only rank 0 writes the run folder. `max_grad_norm` (Python API only) clips each
-rank's gradient before the average, not the averaged one.
+Every rank holds a full copy of each SAE and its Adam state and reads its own rows. The step runs through
+`torch.nn.parallel.DistributedDataParallel` wrapped around `TrainingLoss` (a module whose forward is the SAE's
+`training_loss`, since the step needs the loss, not `forward`'s reconstruction): DDP all-reduces the gradients in
+buckets during backward, so they are averaged over ranks before the trainer's decoder-gradient projection (linear
+and the same on every rank, so it commutes with the average), before `max_grad_norm` clipping (which thus clips
+the global batch's gradient, as one process would) and before Adam. With identical parameters and identical
+averaged gradients, Adam, the projection and the decoder renormalisation keep the weights identical on every
+rank. Dead-latent counters use the OR of `fired` over ranks and the global batch; BatchTopK's running threshold
+(a buffer, which DDP leaves alone) is averaged. Only rank 0 writes the run folder.
 
     torchrun --nproc_per_node=8 -m sae_toolkit train acts.h5 --hookpoint mlp_out.6 --arch topk --out run
 """
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.sae import TrainOutput
+from sae_toolkit.sae import SAE, TrainOutput
 from sae_toolkit.training.config import TrainConfig
 from sae_toolkit.training.trainer import Trainer
 
@@ -166,8 +169,59 @@ def rank_device(device: str, ctx: DistContext) -> str:
     return resolved
 
 
+class TrainingLoss(nn.Module):
+    """The module DistributedDataParallel wraps: forward(x, dead_mask, sparsity_scale) = `sae.training_loss(...)`.
+
+    DDP hooks the gradients of the parameters of the module it wraps and runs that module's forward; the SAE's
+    own forward returns a reconstruction, not the loss, so this wrapper makes the loss the forward. Its
+    parameters are the SAE's (the same tensors): checkpoints, resampling and the decoder upkeep keep working on
+    `sae` directly.
+    """
+
+    def __init__(self, sae: SAE, loss_fn: Callable[..., TrainOutput] | None = None):
+        """loss_fn: the trainer's compiled `sae.training_loss` (None: the eager one)."""
+        super().__init__()
+        self.sae = sae
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                sparsity_scale: float | torch.Tensor = 1.0) -> TrainOutput:
+        """x [batch, d_in] → the SAE's TrainOutput (loss, x_hat [batch, d_in], fired [d_sae], l0, parts)."""
+        return (self.loss_fn or self.sae.training_loss)(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+
+
+def wrap_ddp(sae: SAE, loss_fn: Callable[..., TrainOutput] | None, device: torch.device) -> nn.Module:
+    """`TrainingLoss(sae, loss_fn)` in DistributedDataParallel (a collective: every rank calls it, in the same
+    order for each SAE). Rank 0's parameters are broadcast to all ranks on construction."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers (BatchTopK's threshold) are averaged by the trainer after each step; rank 0's copy must not overwrite
+    # them before each forward. torch >= 2.13 names that forward_sync_buffers (broadcast_buffers is deprecated);
+    # its one sync at construction is harmless, every rank holds the same buffers then.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(
+        TrainingLoss(sae, loss_fn),
+        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda" else None,
+        **no_buffer_sync,
+        # every architecture's training_loss gives every parameter a gradient on every batch (AuxK with no dead
+        # latent adds nothing, but the main term reaches all of W_enc, b_enc, W_dec, b_dec; unselected TopK rows
+        # get zero rows of a dense gradient): tests/training/test_distributed.py checks it per arch, so DDP
+        # skips the per-step autograd-graph search for unused parameters
+        find_unused_parameters=False,
+        # gradients are views into DDP's all-reduce buckets: no second gradient-sized copy per SAE. The trainer
+        # edits them in place only (projection, clipping), which views allow
+        gradient_as_bucket_view=True,
+    )
+
+
 class DistributedTrainer(Trainer):
-    """A Trainer fed by a sweep (see training/sweep.py) that keeps its SAE identical on every rank.
+    """A Trainer fed by a sweep (see training/sweep.py) that keeps its SAE identical on every rank: its step runs
+    through DistributedDataParallel (`self.ddp`, None in a one-process context).
 
     With `ctx.world_size == 1` it is a plain Trainer that also records `world_size` and `source` in
     train_config.json. `extra_config` is that `source` (the StreamConfig dict, or None for a cache).
@@ -181,8 +235,10 @@ class DistributedTrainer(Trainer):
         self.extra_config = extra_config
         self.world_size = world_size or ctx.world_size
         super().__init__(cfg, store=store)
-        if ctx.active:
-            self.opt.register_step_pre_hook(self._average_gradients)
+        # Under torchrun the step calls DDP (train_step's loss_fn), which averages the gradients during backward.
+        self.ddp = wrap_ddp(self.sae, self._loss_fn, self.device) if ctx.active else None
+        if self.ddp is not None:
+            self._loss_fn = self.ddp
 
     # ---- set-up: rank 0 writes, everyone reads the same checkpoint ----
 
@@ -213,17 +269,6 @@ class DistributedTrainer(Trainer):
             self.ctx.barrier()
 
     # ---- the step ----
-
-    def _average_gradients(self, opt: torch.optim.Optimizer, *_: Any) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for g in opt.param_groups for p in g["params"]]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.ctx.mean_(flat)
-        i = 0
-        for group in opt.param_groups:
-            for p in group["params"]:
-                n = p.numel()
-                p.grad = flat[i:i + n].view_as(p).clone()
-                i += n
 
     def train_one(self, x: torch.Tensor) -> TrainOutput:
         before = self.tokens_since_fired.clone()

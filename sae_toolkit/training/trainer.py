@@ -64,8 +64,8 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
     """One Adam update on batch x [batch, d_in] (a transcoder: predicting target [batch, d_out]); returns the
     SAE's TrainOutput (computed before the update).
 
-    loss_fn: a compiled `sae.training_loss` (default: the eager one). For unit-norm archs the gradient component
-    parallel to each decoder row is removed before the step and the
+    loss_fn: a compiled `sae.training_loss`, or one behind DistributedDataParallel (default: the eager one).
+    For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
     rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
     """
     if lr is not None:
@@ -281,7 +281,7 @@ class Trainer:
         steer = self.l0_controller is not None and sparsity_scale == 1.0
         if self.l0_controller is not None:
             sparsity_scale = sparsity_scale * self.l0_controller.scale()
-        if self._loss_fn is not None and not isinstance(sparsity_scale, torch.Tensor):
+        if self.cfg.compile and not isinstance(sparsity_scale, torch.Tensor):
             # a tensor, or every new float value would recompile the graph
             sparsity_scale = torch.tensor(sparsity_scale, device=self.device)
         if hasattr(self.sae, "per_token_selection"):  # BatchTopK family: per-token TopK start

@@ -11,19 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _sae_helpers import cfg_for
 from _trainer_helpers import toy_superposition, write_acts
 
 from sae_toolkit.activations.stream import StreamConfig
-from sae_toolkit.sae import SAE
+from sae_toolkit.sae import SAE, make_sae
 from sae_toolkit.training.config import TrainConfig
-from sae_toolkit.training.distributed import DistContext
+from sae_toolkit.training.distributed import DistContext, TrainingLoss
 from sae_toolkit.training.sweep import sweep_configs, train_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Kills rank 1 at step 7 (after the step-6 checkpoint; checkpoints every 3 steps), as a crashed GPU would.
+# Each rank also records, at its first step, what its step runs through (ddp.<rank>.json).
 LAUNCHER = """
-import os, sys
+import json, os, sys
+from torch.nn.parallel import DistributedDataParallel
 from sae_toolkit.training import config, distributed
 post = config.TrainConfig.__post_init__
 def patched_post(self):
@@ -34,8 +37,32 @@ train_one = distributed.DistributedTrainer.train_one
 def dying_train_one(self, x):
     if self.ctx.rank == 1 and self.step == 7:
         os._exit(3)
+    if self.step == 0:
+        with open(f"ddp.{self.ctx.rank}.json", "w") as f:
+            json.dump({"ddp": isinstance(self.ddp, DistributedDataParallel),
+                       "step_calls_ddp": self._loss_fn is self.ddp, "wraps_this_sae": self.ddp.module.sae is self.sae,
+                       "optimizer_hooks": len(self.opt._optimizer_step_pre_hooks)}, f)
     return train_one(self, x)
 distributed.DistributedTrainer.train_one = dying_train_one
+from sae_toolkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# Each rank writes a digest of its final SAE and Adam state (digest.<rank>.json): the ranks must agree bit for bit.
+DIGEST_LAUNCHER = """
+import hashlib, json, sys
+from sae_toolkit.training import distributed
+save_sae = distributed.DistributedTrainer.save_sae
+def digest(t):
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def save_with_digest(self):
+    state = {**{k: digest(v) for k, v in self.sae.state_dict().items()},
+             **{f"adam.{i}.{k}": digest(v) for i, s in enumerate(self.opt.state.values()) for k, v in s.items()}}
+    with open(f"digest.{self.ctx.rank}.json", "w") as f:
+        json.dump(state, f)
+    return save_sae(self)
+distributed.DistributedTrainer.save_sae = save_with_digest
 from sae_toolkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -60,6 +87,9 @@ def test_killed_rank_resumes_to_the_one_process_sae(tmp_path: Path, toy_acts: Pa
     killed = torchrun(["launch.py", "train", str(toy_acts), *common], tmp_path)
     assert killed.returncode != 0, killed.stdout + killed.stderr
     assert (tmp_path / "ddp" / "checkpoints" / "step_00000006").is_dir(), killed.stderr[-3000:]
+    for rank in (0, 1):  # the step runs through DDP, and nothing else averages the gradients
+        used = json.loads((tmp_path / f"ddp.{rank}.json").read_text())
+        assert used == {"ddp": True, "step_calls_ddp": True, "wraps_this_sae": True, "optimizer_hooks": 0}, used
     assert not (tmp_path / "ddp" / "sae").exists()
 
     resumed = torchrun(["-m", "sae_toolkit", "train", str(toy_acts), *common, "--resume"], tmp_path)
@@ -79,6 +109,41 @@ def test_killed_rank_resumes_to_the_one_process_sae(tmp_path: Path, toy_acts: Pa
     ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [x["step"] for x in ref] == [12]
     np.testing.assert_allclose(lines[-1]["fvu"], ref[-1]["fvu"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("relu", {}), ("relu", {"decoder_norm_penalty": True}), ("topk", {}), ("topk", {"multi_topk": True}),
+    ("batchtopk", {}), ("jumprelu", {}), ("jumprelu", {"jumprelu_loss": "step"}), ("gated", {}),
+    ("matryoshka", {"matryoshka_groups": [16, 32]})])
+def test_every_parameter_gets_a_gradient_on_every_batch(arch: str, extra: dict) -> None:
+    """wrap_ddp's find_unused_parameters=False holds: a parameter without a gradient would hang DDP's reducer."""
+    for dead in (torch.zeros(48, dtype=torch.bool), torch.arange(48) < 10):  # AuxK off / on
+        for x in (torch.randn(32, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(32, 8)):
+            sae = make_sae(cfg_for(arch, dtype="float32", **extra))
+            out = TrainingLoss(sae)(x, dead_mask=dead, sparsity_scale=0.5)
+            ref = sae.training_loss(x, dead_mask=dead, sparsity_scale=0.5)
+            torch.testing.assert_close(out.loss, ref.loss)
+            out.loss.backward()
+            assert [n for n, p in sae.named_parameters() if p.grad is None] == [], (arch, extra, dead.any(), x.any())
+
+
+def test_clipping_applies_to_the_averaged_gradient(tmp_path: Path, toy_acts: Path) -> None:
+    """relu with --decoder-norm-penalty clips the gradient norm at 1: on the global batch's (averaged) gradient,
+    as one process does, not on each rank's half. The two ranks end bit-identical (weights and Adam state)."""
+    args = ["--hookpoint", "hp", "--arch", "relu", "--decoder-norm-penalty", "--expansion", "4", "--batch-size",
+            "256", "--tokens", str(6 * 256), "--device", "cpu"]
+    (tmp_path / "digest.py").write_text(DIGEST_LAUNCHER)
+    run = torchrun(["digest.py", "train", str(toy_acts), *args, "--out", str(tmp_path / "ddp")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == 4 * 4 and ranks[0] == ranks[1]  # W_enc, b_enc, W_dec, b_dec; Adam step, exp_avg(_sq)
+    cfg = TrainConfig(acts=str(toy_acts), hookpoint="hp", arch="relu", decoder_norm_penalty=True, expansion=4,
+                      batch_size=256, tokens=6 * 256, device="cpu", out=str(tmp_path / "one"))
+    assert cfg.max_grad_norm == 1.0
+    train_sweep([cfg], n_parts=2)
+    ddp, one = SAE.load(tmp_path / "ddp" / "sae"), SAE.load(tmp_path / "one" / "sae")
+    for name, t in one.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], t, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_one_process_context_is_the_identity() -> None:
