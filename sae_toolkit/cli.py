@@ -175,6 +175,9 @@ def _train_many(args: argparse.Namespace, base) -> bool:
     ctx = init_distributed(args.device)
     try:
         root = train_sweep(configs, stream=stream, ctx=ctx, distribute_modules=args.distribute_modules)
+        # every rank is done with its collectives before any rank tears the group down: a rank that destroyed it
+        # while another was still in its last all-reduce aborted now and then (gloo, 2 processes on CPU)
+        ctx.barrier()
     finally:
         if ctx.active:
             import torch.distributed as dist
