@@ -6,10 +6,9 @@ started; this estimate turns that into a one-line error that states the need and
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from sae_toolkit.activations.store import available_ram
 from sae_toolkit.errors import SAEToolkitError
 
 _BYTES_PER_PARAM = 16
@@ -30,17 +29,7 @@ def available_bytes(device: torch.device) -> int | None:
     unknown."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return available_ram()
 
 
 def _gib(n: int) -> str:
