@@ -15,12 +15,6 @@ from sae_toolkit.training.memory import check_fits, training_bytes
 from sae_toolkit.training.trainer import TrainConfig, Trainer, train_sae
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    path, _ = toy_file(tmp_path_factory.mktemp("small") / "small.h5", n_rows=32 * 64, context_size=32)
-    return path
-
-
 def _cfg(acts, out, **kw) -> TrainConfig:
     base = dict(acts=str(acts), hookpoint="hp", arch="topk", n_features=64, k=4, batch_size=128, tokens=128 * 12,
                 out=str(out), log_every=5, checkpoint_every=4)

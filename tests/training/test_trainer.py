@@ -27,13 +27,6 @@ def toy(tmp_path_factory):
     return toy_file(tmp_path_factory.mktemp("toy") / "toy.h5")
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A small toy file (2k rows) for tests that only need a few steps."""
-    path, _ = toy_file(tmp_path_factory.mktemp("small") / "small.h5", n_rows=32 * 64, context_size=32)
-    return path
-
-
 def _cfg(acts, out, **kw) -> TrainConfig:
     base = dict(acts=str(acts), hookpoint="hp", arch="topk", n_features=128, k=4, batch_size=128, tokens=128 * 40,
                 out=str(out), log_every=5, checkpoint_every=20)
