@@ -176,7 +176,7 @@ def test_auxk_is_zero_without_dead_latents():
 def branches(request, monkeypatch):
     """Run a test with the kernels' and the AuxK loss's CPU choices, then with the ones a GPU takes (forced)."""
     if request.param == "gpu_branches":
-        monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)  # chunked row gathers + bmm
+        monkeypatch.setattr(kernels, "_fused_gather_dot", lambda t: False)  # chunked row gathers + bmm
         monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
     return request.param
 
@@ -215,14 +215,14 @@ def test_gather_dot_branches_and_row_blocks_agree(k, monkeypatch):
         keep = code.rows != 5
         code = SparseActs(code.vals[keep], code.rows[keep], code.cols[keep], n)
     want = (g @ W.t())[code.rows, code.cols]
-    results = {"dense": kernels._gather_dot(g, W, code.rows, code.cols, k)}
-    monkeypatch.setattr(kernels, "_DENSE_BLOCK", 8 * n_cols)  # 8-row blocks: the static block bounds
-    results["dense_blocks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
-    monkeypatch.setattr(kernels, "_dense_gather_dot", lambda t: False)
+    results = {"fused": kernels._gather_dot(g, W, code.rows, code.cols, k)}
+    results["fused_bf16_W"] = kernels._gather_dot(g, W.bfloat16(), code.rows, code.cols, k)
+    want_bf16 = (g @ W.bfloat16().to(W.dtype).t())[code.rows, code.cols]
+    monkeypatch.setattr(kernels, "_fused_gather_dot", lambda t: False)
     monkeypatch.setattr(kernels, "_chunk_elements", lambda device: 5 * d * 3)  # several gather chunks
     results["gather_chunks"] = kernels._gather_dot(g, W, code.rows, code.cols, k)
     for name, got in results.items():
-        torch.testing.assert_close(got, want, msg=name)
+        torch.testing.assert_close(got, want_bf16 if name == "fused_bf16_W" else want, msg=name)
 
 
 def test_shared_transpose_gives_the_same_gradients():
