@@ -75,9 +75,37 @@ def batch_topk_code(pre: Tensor, k: int) -> SparseActs:
     """[batch, d_sae] pre-activations → the k·batch largest over the whole batch (BatchTopK), sorted by row."""
     n, d_sae = pre.shape
     flat = pre.reshape(-1)
-    _, idx = flat.topk(min(k * n, flat.numel()), sorted=False)
+    n_keep = min(k * n, flat.numel())
+    idx = _flat_topk_candidates(flat, n_keep) if host_syncs_ok(pre) else None
+    if idx is None:
+        idx = flat.topk(n_keep, sorted=False).indices
     idx = _sorted(idx)  # row-major order = sorted by row
     return SparseActs(flat[idx], idx // d_sae, idx % d_sae, n)
+
+
+_SAMPLE = 1 << 16
+"""Strided sample of the flat pre-activations from which `_flat_topk_candidates` sets its lower bound."""
+
+
+def _flat_topk_candidates(flat: Tensor, n_keep: int) -> Tensor | None:
+    """Indices of the n_keep largest entries of `flat` (exact, any order), or None when the shortcut does not apply.
+
+    One top-k over millions of entries is single-threaded on CPU (68 ms for 32k of 4.7M): instead a lower bound
+    L is read off a strided sample (the value above which twice the kept fraction of the sample lies), the
+    entries ≥ L are gathered (≈ 2·n_keep of them) and the exact top n_keep taken among those (5.6 ms). Exact
+    whenever at least n_keep entries are ≥ L, which is checked; otherwise None (caller falls back). Host syncs:
+    eager CPU only.
+    """
+    step = flat.numel() // _SAMPLE
+    if step < 4:  # small batches: the plain top-k is already cheap
+        return None
+    sample = flat[::step]
+    r = min(sample.numel(), 2 * n_keep * sample.numel() // flat.numel() + 1)
+    bound = sample.topk(r, sorted=False).values.min()
+    cand = (flat >= bound).nonzero().squeeze(1)
+    if cand.numel() < n_keep:
+        return None
+    return cand[flat[cand].topk(n_keep, sorted=False).indices]
 
 
 def _offsets(keys: Tensor, n: int) -> Tensor:
@@ -260,6 +288,26 @@ class _DensePreActs(Function):
         if ctx.needs_input_grad[4]:
             grad_b_dec = -(W_enc @ grad_b)  # sae_in = x − b_dec: one matvec instead of G W_encᵀ summed
         return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec
+
+
+class _SelectColumns(Function):
+    @staticmethod
+    def forward(ctx, W: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.shape = W.shape
+        return W.index_select(1, idx)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (idx,) = ctx.saved_tensors
+        return g.new_zeros(ctx.shape).index_copy_(1, idx, g), None
+
+
+def select_columns(W: Tensor, idx: Tensor) -> Tensor:
+    """W[:, idx] for distinct indices idx, with a backward that copies instead of accumulating: autograd's
+    index_select backward along dim 1 is a scatter-add, 47 ms against 0.3 ms for a [576, 4608] W and 460 columns
+    on CPU."""
+    return _SelectColumns.apply(W, idx)
 
 
 def dense_pre_acts(pre: Tensor, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:

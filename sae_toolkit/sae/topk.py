@@ -118,16 +118,17 @@ class TopKSAE(SAE):
 
     def _auxk_decode_compact(self, sae_in: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
         """ê [batch, d_in] from the dead latents `dead` [n_dead] (global ids), dense on their columns only."""
-        W_enc, b_enc = self.W_enc[:, dead], self.b_enc[dead]  # [d_in, n_dead], [n_dead]
-        z = F.linear(sae_in, W_enc.t(), b_enc)  # [batch, n_dead], = pre[:, dead] with gradients
-        if self.cfg.apply_b_dec_to_input:
-            # sae_in = x − b_dec was formed without grad; (stopgrad(b_dec) − b_dec) W_enc is 0 in value and
-            # carries ∂b_dec = −W_enc Σ_tokens ∂z: one matvec instead of a [batch, d_in] backward
-            z = z + (self.b_dec.detach() - self.b_dec) @ W_enc
+        z_pre = pre.index_select(1, dead)  # [batch, n_dead], no grad: the encoder ran once, for every latent
+        # gradients reach the dead columns of W_enc, b_enc (and b_dec, as one matvec) without a second forward GEMM
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        z = kernels.dense_pre_acts(z_pre, sae_in, kernels.select_columns(self.W_enc, dead),
+                                   self.b_enc.index_select(0, dead), b_dec)
         k_aux = min(self.cfg.k_aux, dead.numel())
-        idx = pre[:, dead].topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux], chosen without grad
-        f = torch.zeros_like(z).scatter(-1, idx, z.gather(-1, idx).relu())  # [batch, n_dead], ≤ k_aux per row
-        return f @ self.W_dec[dead]
+        f = z.relu()  # [batch, n_dead]
+        if k_aux < dead.numel():
+            idx = z_pre.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux], chosen without grad
+            f = f * torch.zeros_like(z_pre, dtype=torch.bool).scatter_(-1, idx, True)
+        return f @ self.W_dec.index_select(0, dead)
 
     def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor, t: Transposed | None = None) -> Tensor:
         """[nnz] pre-activations at code's entries with the sparse backward (b_dec's gradient as one matvec)."""

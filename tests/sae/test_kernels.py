@@ -321,3 +321,36 @@ def test_cpu_sorts_match_torch_stable_sort(n_keys):
     keys[:50] = n_keys - 1
     assert torch.equal(kernels._argsort_stable(keys, n_keys), keys.argsort(stable=True))
     assert torch.equal(kernels._sorted(keys), keys.sort().values)
+
+
+def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
+    """The sampled lower bound picks exactly the entries of the plain flat top-k, and gives up (None) when the
+    bound would keep fewer than k·batch entries."""
+    monkeypatch.setattr(kernels, "_SAMPLE", 256)
+    g_ = torch.Generator().manual_seed(11)
+    pre = torch.randn(64, 300, generator=g_) * torch.rand(64, 1, generator=g_) * 3  # uneven row scales
+    n_keep = 5 * 64
+    want = set(pre.view(-1).topk(n_keep).indices.tolist())
+    got = kernels._flat_topk_candidates(pre.view(-1), n_keep)
+    assert got is not None and set(got.tolist()) == want
+    code = batch_topk_code(pre, 5)
+    assert set((code.rows * 300 + code.cols).tolist()) == want and torch.all(code.rows.diff() >= 0)
+    assert torch.equal(code.vals, pre[code.rows, code.cols])
+    # adversarial: the sampled positions hold the largest values, so the bound keeps only the sample
+    flat = torch.rand(64 * 300, generator=g_)
+    step = flat.numel() // 256
+    flat[::step] += 10
+    assert kernels._flat_topk_candidates(flat, n_keep) is None
+    code = batch_topk_code(flat.view(64, 300), 5)  # the fallback still gives the exact answer
+    assert set((code.rows * 300 + code.cols).tolist()) == set(flat.topk(n_keep).indices.tolist())
+
+
+def test_select_columns_matches_indexing_with_gradients():
+    g_ = torch.Generator().manual_seed(12)
+    W = torch.randn(5, 9, generator=g_, requires_grad=True)
+    idx = torch.tensor([7, 0, 3])
+    up = torch.randn(5, 3, generator=g_)
+    got = torch.autograd.grad((kernels.select_columns(W, idx) * up).sum(), W)[0]
+    want = torch.autograd.grad((W[:, idx] * up).sum(), W)[0]
+    torch.testing.assert_close(kernels.select_columns(W, idx), W[:, idx])
+    torch.testing.assert_close(got, want)
