@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from sae_toolkit import __version__
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.config import ARCHS, SAEConfig
 from sae_toolkit.sae.registry import load_foreign, make_sae
 
@@ -107,6 +108,15 @@ class SAE(nn.Module, ABC):
         """[..., d_in] → [..., d_sae] encoder pre-activations W_encᵀ(x − b_dec) + b_enc."""
         # addmm-fused bias: a separate add over [batch, d_sae] costs ~40% of the matmul on CPU
         return F.linear(self._sae_in(x), self.W_enc.t(), self.b_enc)
+
+    def _pre_acts_with_grad(self, x: Tensor) -> Tensor:
+        """`pre_acts` of a [batch, d_in] training batch through `kernels.dense_pre_acts`: the same values and
+        gradients, with ∂b_dec as one matvec and ∂W_enc from G's non-zero entries when few gates are open."""
+        with torch.no_grad():
+            sae_in = self._sae_in(x)
+            pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec)
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:

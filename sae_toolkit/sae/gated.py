@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
 from sae_toolkit.sae.registry import register
 
@@ -45,12 +46,13 @@ class GatedSAE(SAE):
             raise SAEToolkitError(f"training_loss takes a [batch, d_in] batch, got shape {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
         y = self._target(x, target)
-        gate, mag = self._paths(x)  # [batch, d_sae] each
+        gate = self._pre_acts_with_grad(x)  # [batch, d_sae] π_gate; sparse ∂W_enc once few gates are open
+        mag = (gate - self.b_enc) * self.r_mag.exp() + self.b_mag  # π_mag: the same W_enc product, rescaled
         f = (gate > 0) * mag.relu()
         skip = self.skip_out(x) if self.cfg.skip else 0.0  # [batch, d_out]
-        x_hat = self.decode(f) + skip
+        x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec + skip
         gate_acts = gate.relu()
-        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach() + (
+        x_hat_frozen = kernels.adaptive_decode(gate_acts, self.W_dec.detach()) + self.b_dec.detach() + (
             skip.detach() if self.cfg.skip else 0.0)
         parts = {
             "mse": self._mse(y, x_hat),

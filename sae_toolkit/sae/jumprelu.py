@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from sae_toolkit.errors import SAEToolkitError
+from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
 from sae_toolkit.sae.registry import register
 
@@ -93,10 +94,12 @@ class JumpReLUSAE(SAE):
         x = x.to(self.W_enc.dtype)
         y = self._target(x, target)
         cfg = self.cfg
-        pre = self.pre_acts(x)  # [batch, d_sae]
+        pre = self._pre_acts_with_grad(x)  # [batch, d_sae]
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, theta, eps)
-        x_hat = self.decode(f) + self.skip_out(x) if cfg.skip else self.decode(f)
+        x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec
+        if cfg.skip:
+            x_hat = x_hat + self.skip_out(x)
         parts = {"mse": self._mse(y, x_hat)}
         if cfg.jumprelu_loss == "tanh":
             norms = self.W_dec.norm(dim=-1)  # [d_sae]; 1 while rows are kept at unit norm

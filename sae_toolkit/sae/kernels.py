@@ -55,6 +55,23 @@ def host_syncs_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+SPARSE_MAX_DENSITY = 0.05
+"""The adaptive kernels (`adaptive_decode`, `dense_pre_acts`' backward) switch to sparse bag sums when at most
+this share of the [batch, d_sae] entries is non-zero: a fresh SAE fires on ~half of them (a GEMM wins), a trained
+one on ~1-2 %."""
+
+
+def _sparse_support(t: Tensor) -> SparseActs | None:
+    """The non-zero entries of a [batch, d_sae] matrix as a SparseActs, when it is sparse enough for the bag
+    kernels to beat a GEMM; None otherwise, and always None off eager CPU (it reads a count on the host)."""
+    if not _eager_cpu(t):
+        return None
+    mask = t != 0
+    if mask.sum().item() > SPARSE_MAX_DENSITY * t.numel():
+        return None
+    return positive_code(t, mask)
+
+
 def positive_code(pre: Tensor, mask: Tensor | None = None) -> SparseActs:
     """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync.
     mask: `pre > 0` when the caller already has it."""
@@ -271,8 +288,9 @@ class _SparsePreActs(Function):
 
 class _DensePreActs(Function):
     @staticmethod
-    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec):
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, adaptive):
         ctx.save_for_backward(sae_in, W_enc)
+        ctx.adaptive = adaptive
         return pre.clone()
 
     @staticmethod
@@ -282,12 +300,17 @@ class _DensePreActs(Function):
         if ctx.needs_input_grad[1]:
             grad_in = (g @ W_enc.t().to(g.dtype)).to(sae_in.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = (sae_in.to(g.dtype).t() @ g).to(W_enc.dtype)  # [d_in, d_sae], in g's (autocast) dtype
+            code = _sparse_support(g) if ctx.adaptive else None  # JumpReLU/Gated: G lives on the open gates
+            if code is not None:
+                t = transposed(code, g.shape[1])
+                grad_W = _bag_sum(sae_in.to(W_enc.dtype), t.rows, t.offsets, code.vals[t.order]).t()
+            else:
+                grad_W = (sae_in.to(g.dtype).t() @ g).to(W_enc.dtype)  # [d_in, d_sae], in g's (autocast) dtype
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             grad_b = g.sum(0, dtype=W_enc.dtype)
         if ctx.needs_input_grad[4]:
             grad_b_dec = -(W_enc @ grad_b)  # sae_in = x − b_dec: one matvec instead of G W_encᵀ summed
-        return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec
+        return None, grad_in, grad_W, grad_b if ctx.needs_input_grad[3] else None, grad_b_dec, None
 
 
 class _SelectColumns(Function):
@@ -310,13 +333,54 @@ def select_columns(W: Tensor, idx: Tensor) -> Tensor:
     return _SelectColumns.apply(W, idx)
 
 
-def dense_pre_acts(pre: Tensor, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
+def dense_pre_acts(pre: Tensor, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None,
+                   adaptive: bool = True) -> Tensor:
     """[batch, d_sae] pre-activations `pre` = sae_in W_enc + b_enc (computed without grad) with their gradients.
 
     The dense counterpart of `sparse_pre_acts`: with b_dec given (sae_in = x − b_dec, neither with grad), ∂b_dec
-    is the matvec −W_enc Σ_tokens G instead of autograd's [batch, d_sae] × [d_sae, d_in] GEMM.
+    is the matvec −W_enc Σ_tokens G instead of autograd's [batch, d_sae] × [d_sae, d_in] GEMM. adaptive: on eager
+    CPU, form ∂W_enc = sae_inᵀ G from G's non-zero entries when at most SPARSE_MAX_DENSITY of them are non-zero
+    (False when the caller knows G is dense: saves the count).
     """
-    return _DensePreActs.apply(pre, sae_in, W_enc, b_enc, b_dec)
+    return _DensePreActs.apply(pre, sae_in, W_enc, b_enc, b_dec, adaptive)
+
+
+class _AdaptiveDecode(Function):
+    @staticmethod
+    def forward(ctx, f: Tensor, W_dec: Tensor) -> Tensor:
+        f = f.to(W_dec.dtype)
+        code = _sparse_support(f)
+        ctx.save_for_backward(f, W_dec)
+        ctx.code = code
+        if code is None:
+            return f @ W_dec
+        return _bag_sum(W_dec, code.cols, _offsets(code.rows, code.n_rows), code.vals)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        f, W_dec = ctx.saved_tensors
+        code, g = ctx.code, g.contiguous()
+        grad_f = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_f = g @ W_dec.t()  # dense: JumpReLU's threshold estimator needs it just below the open gates too
+        if ctx.needs_input_grad[1]:
+            if code is None:
+                grad_W = f.t() @ g
+            else:
+                t = transposed(code, W_dec.shape[0])
+                grad_W = _bag_sum(g, t.rows, t.offsets, code.vals[t.order])  # Fᵀ g on the non-zero rows
+        return grad_f, grad_W
+
+
+def adaptive_decode(f: Tensor, W_dec: Tensor) -> Tensor:
+    """[batch, d_sae] dense latents f → f W_dec [batch, d_in] (no bias), with a dense gradient to f.
+
+    On eager CPU, when at most SPARSE_MAX_DENSITY of f is non-zero (a trained JumpReLU or Gated SAE), the forward
+    and ∂W_dec run as bag sums over the non-zero entries instead of two GEMMs; elsewhere (GPU, compile, autocast,
+    dense f) it is the plain matmul."""
+    if not _eager_cpu(f) or torch.is_autocast_enabled(f.device.type) or f.ndim != 2:
+        return f @ W_dec
+    return _AdaptiveDecode.apply(f, W_dec)
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, t: Transposed | None = None) -> Tensor:

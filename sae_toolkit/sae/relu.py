@@ -47,7 +47,8 @@ class ReLUSAE(SAE):
             mask = pre > 0
             if mask.sum().item() <= SPARSE_MAX_DENSITY * pre.numel():
                 return self._sparse_training_loss(x, y, skip, sae_in, pre, mask, b_dec_in, sparsity_scale)
-        f = kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec_in).relu()  # [batch, d_sae]
+        # dense G here (the density check above chose this path): no second count in the backward
+        f = kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec_in, adaptive=False).relu()
         x_hat = self.decode(f) if skip is None else self.decode(f) + skip
         weights = self.W_dec.norm(dim=-1) if self.cfg.decoder_norm_penalty else None  # [d_sae]
         l1 = self._row_sum(f * weights if weights is not None else f).mean()

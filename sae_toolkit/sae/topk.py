@@ -122,7 +122,7 @@ class TopKSAE(SAE):
         # gradients reach the dead columns of W_enc, b_enc (and b_dec, as one matvec) without a second forward GEMM
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         z = kernels.dense_pre_acts(z_pre, sae_in, kernels.select_columns(self.W_enc, dead),
-                                   self.b_enc.index_select(0, dead), b_dec)
+                                   self.b_enc.index_select(0, dead), b_dec, adaptive=False)
         k_aux = min(self.cfg.k_aux, dead.numel())
         f = z.relu()  # [batch, n_dead]
         if k_aux < dead.numel():

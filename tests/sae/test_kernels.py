@@ -354,3 +354,62 @@ def test_select_columns_matches_indexing_with_gradients():
     want = torch.autograd.grad((W[:, idx] * up).sum(), W)[0]
     torch.testing.assert_close(kernels.select_columns(W, idx), W[:, idx])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5], ids=["sparse", "dense"])
+def test_adaptive_kernels_match_dense_reference(density, monkeypatch):
+    """adaptive_decode and dense_pre_acts' backward take the bag-sum path on sparse inputs (forced off by a
+    zero density limit) and give the dense formulas' values and gradients either way."""
+    g_ = torch.Generator().manual_seed(13)
+    n, d_in, d_sae = 40, 7, 60
+    x = torch.randn(n, d_in, generator=g_)
+    W_enc = torch.randn(d_in, d_sae, generator=g_, requires_grad=True)
+    b_enc = torch.randn(d_sae, generator=g_, requires_grad=True)
+    b_dec = torch.randn(d_in, generator=g_, requires_grad=True)
+    W_dec = torch.randn(d_sae, d_in, generator=g_, requires_grad=True)
+    theta = torch.randn(n, d_sae, generator=g_).quantile(1 - density)  # gates open on ~density of entries
+    up = torch.randn(n, d_in, generator=g_)
+    params = [W_enc, b_enc, b_dec, W_dec]
+
+    def loss(kernel: bool) -> torch.Tensor:
+        sae_in = x - b_dec.detach()
+        if kernel:
+            pre = kernels.dense_pre_acts((sae_in @ W_enc + b_enc).detach(), sae_in, W_enc, b_enc, b_dec)
+        else:
+            pre = (x - b_dec) @ W_enc + b_enc
+        f = pre * (pre > theta)
+        return ((kernels.adaptive_decode(f, W_dec) if kernel else f @ W_dec) * up).sum()
+
+    want = torch.autograd.grad(loss(False), params)
+    for limit in (kernels.SPARSE_MAX_DENSITY, -1.0):  # the adaptive choice, then dense forced
+        monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", limit)
+        got = torch.autograd.grad(loss(True), params)
+        for name, a, b in zip(["W_enc", "b_enc", "b_dec", "W_dec"], got, want):
+            torch.testing.assert_close(a, b, msg=f"{name} (limit {limit})")
+    monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", 0.05)
+    f = torch.randn(n, d_sae, generator=g_) * (torch.rand(n, d_sae, generator=g_) < density)
+    assert (kernels._sparse_support(f) is not None) == (density < 0.05)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])
+def test_sparse_gates_step_matches_dense_step(arch, monkeypatch):
+    """JumpReLU and Gated training losses give the same values and gradients whether their decode and ∂W_enc
+    run on the open gates (bag sums) or as dense GEMMs."""
+    sae = randomized(arch, seed=8)
+    x = torch.randn(30, sae.cfg.d_in, dtype=torch.float64)
+    with torch.no_grad():  # open few gates, so the sparse path is what the density check picks
+        if arch == "jumprelu":
+            sae.log_threshold.add_(1.5)
+        else:
+            sae.b_enc.sub_(1.0)
+    results = {}
+    for limit in (1.0, -1.0):  # every input counts as sparse / as dense
+        monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", limit)
+        out = sae.training_loss(x, dead_mask=torch.arange(sae.cfg.d_sae) % 5 == 0)
+        results[limit] = (out.parts, grads_of(sae, out.loss))
+    (parts_s, grads_s), (parts_d, grads_d) = results[1.0], results[-1.0]
+    assert float(parts_s["mse"].detach()) > 0
+    for name in parts_d:
+        torch.testing.assert_close(parts_s[name], parts_d[name], msg=name)
+    for name in grads_d:
+        torch.testing.assert_close(grads_s[name], grads_d[name], msg=name)
