@@ -15,9 +15,9 @@ from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
 from sae_toolkit.sae.registry import register
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    """The rectangle kernel K(u) = 1[|u| < 1/2]."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+def _band(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """The rectangle kernel's support K((z − θ)/ε) = 1[|z − θ| < ε/2], as a bool [batch, d_sae] mask."""
+    return (z - theta).abs_() < eps / 2
 
 
 class _JumpReLU(Function):
@@ -25,16 +25,18 @@ class _JumpReLU(Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
+        open_ = z > theta
+        ctx.save_for_backward(z, theta, open_)
         ctx.eps = eps
-        return z * (z > theta)
+        return z * open_
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        z, theta = ctx.saved_tensors
-        grad_z = g * (z > theta)
-        grad_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
-        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        z, theta, open_ = ctx.saved_tensors
+        grad_z = g * open_
+        # θ/ε is a per-latent factor: applied after the sum over tokens, on [d_sae] instead of [batch, d_sae]
+        band_sum = (g * _band(z, theta, ctx.eps)).reshape(-1, theta.shape[-1]).sum(0)
+        return grad_z, -(theta / ctx.eps) * band_sum, None
 
 
 class _Step(Function):
@@ -49,8 +51,8 @@ class _Step(Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        grad_theta = -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
-        return None, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        band_sum = (g * _band(z, theta, ctx.eps)).reshape(-1, theta.shape[-1]).sum(0)
+        return None, -band_sum / ctx.eps, None
 
 
 @register
