@@ -126,3 +126,16 @@ def test_finite_maxima_pass_and_the_bad_row_is_named_in_every_block(tmp_path, dt
         with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1), block_rows=32) as store:
             with pytest.raises(SAEToolkitError, match=rf"row {bad_row} \(sequence {seq}, position {pos}\)"):
                 store.next_batch()
+
+
+def test_batches_spanning_many_groups_keep_their_rows(tmp_path):
+    """With most positions excluded, a group holds fewer usable rows than a batch: a batch then gathers from many
+    groups, and no group's buffer may be refilled before its rows are in the batch."""
+    path, acts = _file(tmp_path, "float16")
+    kw = dict(batch_size=8, seed=4, block_rows=32, buffer_blocks=1, exclude_first_positions=CTX - 1)
+    with ActivationStore(path, "hp", **kw) as store:
+        assert store.n_rows == N_SEQS and store.buffer_blocks == 1  # 2 usable rows per group: 4 groups a batch
+        got = torch.cat([store.next_batch() for _ in range(12)])[:, 0].long()
+    keep = np.arange(N_SEQS * CTX) % CTX == CTX - 1
+    want = reference_rows(keep, 0, block_rows=32, buffer_blocks=1, seed=4, n=12 * 8)
+    assert torch.equal(got, torch.from_numpy(want))
