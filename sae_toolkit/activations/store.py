@@ -76,13 +76,13 @@ def available_ram() -> int | None:
 
 
 def _one_torch_thread() -> None:
-    """Run the calling worker thread's torch ops on one thread.
+    """Run the calling thread's torch ops on one thread (the CPU prefetch thread's gathers and conversions).
 
-    The store's gathers and conversions are memory-bound and its threads already run beside the consumer's; an
-    OpenMP team of its own per op only oversubscribes the cores, and on a busy machine each op then waits for a
-    descheduled team member (single-threaded ops measured 50x faster under load). `torch.set_num_threads` sets the
-    calling thread's team size, but also the default that threads starting later pick up: `next_batch` puts that
-    default back once its workers are set up.
+    They are memory-bound and run beside a consumer whose step already has an OpenMP team on every core; a second
+    team per op only oversubscribes the cores, and on a busy machine each op then waits for a descheduled team
+    member (single-threaded gather/convert measured 50x faster than two threads under load, and no slower in
+    interleaved store rounds). `torch.set_num_threads` sets the calling thread's team size, but also the default
+    that threads starting later pick up: `next_batch` puts that default back once the thread is set up.
     """
     torch.get_num_threads()  # torch sets a thread up on its first use, from that default: before, not after
     torch.set_num_threads(1)
@@ -130,7 +130,7 @@ class ActivationStore:
     a reader thread reads the next shuffle groups into reused buffers while the prefetch thread gathers each batch's
     rows from the current one straight into a batch buffer, then converts and scales it on the device. With CUDA, the
     batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step.
-    Both threads run their torch ops single-threaded (they run beside the consumer; see `_one_torch_thread`).
+    On CPU the prefetch thread runs its torch ops single-threaded (beside the consumer's step; `_one_torch_thread`).
 
     How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
     of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
@@ -430,9 +430,8 @@ class ActivationStore:
         if self._memory is not None:
             yield None
             return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ActivationStore-read", initializer=_one_torch_thread)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ActivationStore-read")  # h5py and numpy only, no torch
         try:
-            pool.submit(int).result()  # the thread exists and is set up before next_batch restores the default
             yield pool
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -440,7 +439,8 @@ class ActivationStore:
     def _produce(self, rows_done: int, out: queue.Queue, stop: threading.Event, ops: _CudaOps | None,
                  set_up: threading.Event) -> None:
         """Prefetch thread: fill `out` with device batches (or the exception that ended the stream) until `stop`.
-        `set_up` is set once this thread and its reader run single-threaded torch ops (see _one_torch_thread)."""
+        `set_up` is set once the host path runs single-threaded torch ops (see _one_torch_thread); with CUDA the
+        consumer's step runs on the GPU, and the gathers keep the default threads, as before."""
 
         def put(item: object) -> bool:
             while not stop.is_set():
@@ -452,7 +452,8 @@ class ActivationStore:
             return False
 
         try:
-            _one_torch_thread()
+            if ops is None:
+                _one_torch_thread()
             with self._reader() as reader:
                 set_up.set()
                 if ops is not None:
