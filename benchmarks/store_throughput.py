@@ -13,6 +13,7 @@ One JSON line per contender (median rows/s over rounds) and the ratios with thei
     python benchmarks/store_throughput.py --train                  # + trainer (d_sae 4608, batch 1024 on CPU)
     python benchmarks/store_throughput.py --device cuda --train --d-sae 18432 --train-batch 4096
     python benchmarks/store_throughput.py --quick --train          # tiny: checks that it runs
+    python benchmarks/store_throughput.py --profile                # + CPU time per batch of each store thread (Linux)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--train-batch", type=int, default=1024)
     p.add_argument("--arch", default="topk")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: only checks that it runs")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the CPU time per batch of the raw read and of each streaming-store thread")
     args = p.parse_args(argv)
     if args.quick:
         args.d, args.batch, args.seqs, args.rounds, args.batches_per_round = 32, 256, 64, 3, 2
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     emit({"bench": "store_ratio", "ratio": "store_stream/h5py_sequential",
           "value": rates["store_stream"] / rates["h5py_sequential"], "target": 0.5,
           "met": rates["store_stream"] / rates["h5py_sequential"] >= 0.5})
+    if args.profile:
+        _profile(h5py_sequential, drain(stores["store_stream"]), args.batches_per_round, common)
     for s in stores.values():
         s.close()
     f.close()
@@ -134,6 +140,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if tmpdir is not None:
         tmpdir.cleanup()
     return rates
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread id (Linux /proc)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _profile(raw, stream, batches: int, common: dict, rounds: int = 8) -> None:
+    """Where the time goes: CPU time per batch of the raw read (this thread) and of each thread while the streaming
+    store delivers batches. A wall time far above the busiest thread's CPU time means the threads waited (for
+    a core on a busy machine, or for each other)."""
+    if not os.path.isdir("/proc/self/task"):
+        return
+    raw_cpu = stream_wall = 0.0
+    per: dict[str, float] = {}
+    for _ in range(rounds):
+        t = time.thread_time()
+        raw()
+        raw_cpu += time.thread_time() - t
+        before, t = _thread_cpu(), time.perf_counter()
+        stream()
+        stream_wall += time.perf_counter() - t
+        for tid, v in _thread_cpu().items():
+            per[tid] = per.get(tid, 0.0) + v - before.get(tid, v)
+    n = rounds * batches
+    main_tid = str(threading.get_native_id())
+    threads = sorted((v for tid, v in per.items() if tid != main_tid and v > 0), reverse=True)
+    emit({"bench": "store_profile", **common, "raw_read_cpu_ms_per_batch": 1e3 * raw_cpu / n,
+          "store_wall_ms_per_batch": 1e3 * stream_wall / n, "consumer_cpu_ms_per_batch": 1e3 * per.get(main_tid, 0) / n,
+          "store_thread_cpu_ms_per_batch": [round(1e3 * v / n, 3) for v in threads]})
 
 
 def _rounds(contenders: dict, rounds: int, rows: int) -> dict[str, float]:

@@ -112,11 +112,12 @@ class PairedActivationStore(ActivationStore):
         buf, at, positions = self._buffers[buffer], 0, []
         for b in group:
             lo, hi = self._blocks[b]
-            dst = buf[at:at + hi - lo]
-            dst[:, :self.d_in] = self._dset[lo:hi]
-            dst[:, self.d_in:] = self._target_dset[lo:hi]
-            self._check_finite(dst[:, :self.d_in], lo)
-            self._check_finite(dst[:, self.d_in:], lo, self.target)
+            rows = np.s_[at:at + hi - lo]
+            # straight into each side's columns of the buffer: no intermediate arrays
+            self._dset.read_direct(buf, np.s_[lo:hi], np.s_[rows, :self.d_in])
+            self._target_dset.read_direct(buf, np.s_[lo:hi], np.s_[rows, self.d_in:])
+            self._check_finite(buf[rows, :self.d_in], lo)
+            self._check_finite(buf[rows, self.d_in:], lo, self.target)
             positions.append(at + np.flatnonzero(self._keep[lo - self._row_start:hi - self._row_start]))
             at += hi - lo
         return buf, np.concatenate(positions)
@@ -127,15 +128,20 @@ class PairedActivationStore(ActivationStore):
         return torch.empty(self.batch_size, self.d_in + self.d_out, dtype=dtype, pin_memory=pin)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored-dtype [batch, d_in + d_out] on the device → float32, each side scaled by its own factor."""
-        return self._scaled(x.to(torch.float32))
+        """A fresh stored-dtype [batch, d_in + d_out] → float32, each side scaled by its own factor (a float32 `x`
+        in place, as ActivationStore._finish)."""
+        x = x.to(torch.float32)
+        return x if self.scale == 1.0 and self.target_scale == 1.0 else x.mul_(self._factors().to(x.device))
+
+    def _factors(self) -> torch.Tensor:
+        """[d_in + d_out] float32: `scale` for the input's columns, `target_scale` for the target's."""
+        return torch.cat([torch.full((self.d_in,), self.scale), torch.full((self.d_out,), self.target_scale)])
 
     def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
         """[n, d_in + d_out] raw → the same with the input part × scale and the target part × target_scale."""
         if self.scale == 1.0 and self.target_scale == 1.0:
             return rows
-        factors = torch.cat([torch.full((self.d_in,), self.scale), torch.full((self.d_out,), self.target_scale)])
-        return rows * factors.to(rows)
+        return rows * self._factors().to(rows)
 
     def next_batch(self) -> Pair:  # type: ignore[override]  # a Pair instead of one tensor: the point of the class
         """The next `Pair(x [batch, d_in], y [batch, d_out])` on `device`, scaled."""

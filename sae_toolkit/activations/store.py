@@ -9,12 +9,15 @@ The file is the format of DESIGN.md §3 (any writer, not only our cacher). Batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +51,13 @@ _AUTO_IN_MEMORY_FRACTION = 0.5
 available when the store opens."""
 _AUTO_IN_MEMORY_FALLBACK_BYTES = 2 << 30
 """The budget when the available RAM cannot be read (not Linux)."""
+_EXPONENT_BITS: dict[str | int, int] = {2: 0x7C00, "bfloat16": 0x7F80, 4: 0x7F800000, 8: 0x7FF0000000000000}
+"""The exponent bits of each float format (by itemsize; bfloat16 by name): all set = inf or nan."""
+_READ_AHEAD = 2
+"""Streaming groups the reader thread reads ahead of the one being gathered: a group read (~16 blocks) then
+overlaps the gathers and conversions of the previous groups' batches instead of stalling them."""
+_N_BUFFERS = _READ_AHEAD + 1
+"""Reusable group buffers: the group being gathered plus the ones read ahead."""
 
 
 def available_ram() -> int | None:
@@ -65,18 +75,62 @@ def available_ram() -> int | None:
         return None
 
 
+def _one_torch_thread() -> None:
+    """Run the calling thread's torch ops on one thread (the CPU prefetch thread's gathers and conversions).
+
+    They are memory-bound and run beside a consumer whose step already has an OpenMP team on every core; a second
+    team per op only oversubscribes the cores, and on a busy machine each op then waits for a descheduled team
+    member (single-threaded gather/convert measured 50x faster than two threads under load, and no slower in
+    interleaved store rounds). `torch.set_num_threads` sets the calling thread's team size, but also the default
+    that threads starting later pick up: `next_batch` puts that default back once the thread is set up.
+    """
+    torch.get_num_threads()  # torch sets a thread up on its first use, from that default: before, not after
+    torch.set_num_threads(1)
+
+
 def _torch_rows(rows: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored rows as a tensor without a copy: float16/float32 as they are, bfloat16's uint16 bits viewed."""
     t = torch.from_numpy(rows)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+class _CudaOps:
+    """The CUDA calls of the store's side-stream path, in one place so that CPU tests can stand in for them."""
+
+    pin = True
+    """Gather into page-locked host buffers (required for a copy that overlaps the step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
+    def event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+    def on(self, stream: torch.cuda.Stream) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def copy(self, buf: torch.Tensor) -> torch.Tensor:
+        """Host buffer → a new device tensor, asynchronously on the current (side) stream."""
+        return buf.to(self.device, non_blocking=True)
+
+    def hand_over(self, x: torch.Tensor, ready: torch.cuda.Event) -> None:
+        """Consumer side: its stream waits for the batch's copy and conversion before using `x`."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        x.record_stream(current)  # its memory came from the side stream's pool
+
+
 class ActivationStore:
     """Endless shuffled batches `[batch, d_in]` float32 from `acts/<hookpoint>` of an activation file.
 
-    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy, and are
-    converted and scaled on the device. With CUDA, each batch is gathered straight into one of a ring of pinned
-    host buffers and copied on a side stream, so the copy overlaps the training step.
+    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy: streaming,
+    a reader thread reads the next shuffle groups into reused buffers while the prefetch thread gathers each batch's
+    rows from the current one straight into a batch buffer, then converts and scales it on the device. With CUDA, the
+    batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step.
+    On CPU the prefetch thread runs its torch ops single-threaded (beside the consumer's step; `_one_torch_thread`).
 
     How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
     of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
@@ -146,6 +200,7 @@ class ActivationStore:
         self.rows_done = 0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
+        self._ops: _CudaOps | None = None
         self._stop = threading.Event()
 
     def _prepare(self, in_memory: bool | Literal["auto"], buffer_blocks: int, normalize: bool,
@@ -245,18 +300,20 @@ class ActivationStore:
     def _check_finite(self, rows: np.ndarray, lo: int, name: str | None = None) -> None:
         """Raise naming the first row (file row `lo` + i) of `rows` (of acts/`name`, default the hookpoint) with a
         non-finite value."""
-        if rows.itemsize == 2:  # float16 / bfloat16 bits: inf or nan have every exponent bit set
-            # integer ops on the bits: numpy's float16 arithmetic is emulated and ~20x slower
-            exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
-            finite = ~((rows.view(np.uint16) & exponent) == exponent).any(axis=1)
-        else:
-            finite = np.isfinite(rows).all(axis=1)
-        if not finite.all():
-            bad = lo + int(np.argmin(finite))
-            seq, pos = divmod(bad, self.context_size)
-            raise SAEToolkitError(f"acts/{name or self.hookpoint} in {self.path} has a non-finite value in row {bad} "
-                                  f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
-                                  "--dtype bfloat16 or float32)")
+        # inf and nan are the values with every exponent bit set, i.e. where `bits & mask` reaches its largest value,
+        # `mask`: one masked max over the integer bits, single-threaded (numpy's float16 math is emulated, and a
+        # multi-threaded torch reduction can stall for milliseconds on a busy machine). Only a bad block pays for
+        # the per-row pass that finds the row.
+        mask = _EXPONENT_BITS["bfloat16" if self.dtype == "bfloat16" else rows.itemsize]
+        bits = rows.view(f"u{rows.itemsize}")
+        if bits.size == 0 or (bits & mask).max() < mask:
+            return
+        finite = ((bits & mask) != mask).all(axis=1)
+        bad = lo + int(np.argmin(finite))
+        seq, pos = divmod(bad, self.context_size)
+        raise SAEToolkitError(f"acts/{name or self.hookpoint} in {self.path} has a non-finite value in row {bad} "
+                              f"(sequence {seq}, position {pos}); re-cache the file (float16 overflow? use "
+                              "--dtype bfloat16 or float32)")
 
     # ---- the stream ----
 
@@ -297,66 +354,93 @@ class ActivationStore:
             at += hi - lo
         return buf, np.concatenate(positions)
 
-    def _row_stream(self, rows_done: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Consecutive `(source, index)` pieces of the stream, starting `rows_done` rows in."""
+    def _schedule(self, rows_done: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
+        """`(epoch, g, group, offset)` of each group the stream still needs from `rows_done` rows in; offset: rows of
+        the group already handed out. Groups before that are skipped without reading: resuming costs only the reads
+        it needs."""
         epoch, offset = divmod(rows_done, self.n_rows)
-        # Streaming groups rotate through 3 reusable buffers: a batch takes rows from at most 3 consecutive groups
-        # (the tail of one, a short last group of the epoch, the head of the next epoch's first), and each piece
-        # is copied out before the group 3 places later is read.
-        self._buffers: list[np.ndarray | None] = [None, None, None]
-        n_read = 0
         while True:
             for g, group in enumerate(self._epoch_groups(epoch)):
                 n = int(self._block_counts[group].sum())
                 if offset >= n:
-                    offset -= n  # skipped without reading: resuming only costs the reads it needs
+                    offset -= n
                     continue
-                source, index = self._group(epoch, g, group, n_read % 3)
-                n_read += 1
-                yield source, index[offset:]
+                yield epoch, g, group, offset
                 offset = 0
             epoch += 1
 
-    def _batches(self, rows_done: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        """Batches of the stream as `(source, index)` pieces (rows `source[index]`, 1-2 per batch), starting
-        `rows_done` rows in; `_gather` copies them once, straight into the batch buffer."""
-        pending: list[tuple[np.ndarray, np.ndarray]] = []  # the tail of the previous piece, shorter than a batch
-        n_pending = 0
-        for source, index in self._row_stream(rows_done):
-            i = 0
-            if n_pending:
-                take = min(self.batch_size - n_pending, len(index))
-                pending.append((source, index[:take]))
-                n_pending += take
-                i = take
-                if n_pending < self.batch_size:
-                    continue
-                yield pending
-                pending, n_pending = [], 0
-            n_full = (len(index) - i) // self.batch_size
-            for j in range(n_full):
-                yield [(source, index[i + j * self.batch_size:i + (j + 1) * self.batch_size])]
-            i += n_full * self.batch_size
-            if i < len(index):
-                pending, n_pending = [(source, index[i:])], len(index) - i
+    def _row_stream(self, rows_done: int, reader: ThreadPoolExecutor | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive `(source, index)` pieces of the stream (rows `source[index]`), starting `rows_done` rows in.
 
-    def _gather(self, pieces: list[tuple[np.ndarray, np.ndarray]], out: torch.Tensor) -> torch.Tensor:
-        """Copy a batch's rows into `out` [batch, d_in] (stored dtype; pinned for CUDA): the only host copy."""
-        at = 0
-        for source, index in pieces:
-            src = _torch_rows(source, self.dtype)
-            torch.index_select(src, 0, torch.from_numpy(index.astype(np.int64, copy=False)),
-                               out=out[at:at + len(index)])
-            at += len(index)
-        return out
+        The caller must be done with a piece (its rows gathered) before it asks for the next one: streaming groups
+        are read into _N_BUFFERS reusable buffers in turn, and with a `reader` thread the next _READ_AHEAD groups are
+        read (h5py releases the GIL) while the caller gathers the current one.
+        """
+        self._buffers: list[np.ndarray | None] = [None] * _N_BUFFERS
+        jobs = ((*job, k % _N_BUFFERS) for k, job in enumerate(self._schedule(rows_done)))
+        if reader is None:
+            for epoch, g, group, offset, buffer in jobs:
+                source, index = self._group(epoch, g, group, buffer)
+                yield source, index[offset:]
+            return  # not reached: the schedule is endless
+        # The group handed out and the ones read ahead hold distinct buffers (_N_BUFFERS = _READ_AHEAD + 1); the
+        # next read is submitted only once the caller has come back, i.e. is done with the previous group's buffer.
+        ahead: deque[tuple[Future, int]] = deque()
+        try:
+            while True:
+                while len(ahead) <= _READ_AHEAD:
+                    epoch, g, group, offset, buffer = next(jobs)
+                    ahead.append((reader.submit(self._group, epoch, g, group, buffer), offset))
+                future, offset = ahead.popleft()
+                source, index = future.result()
+                yield source, index[offset:]
+        finally:
+            for future, _ in ahead:  # a read already running finishes; the reader's shutdown waits for it
+                future.cancel()
+
+    def _batches(self, rows_done: int, new_buffer: Callable[[], torch.Tensor],
+                 reader: ThreadPoolExecutor | None = None) -> Iterator[torch.Tensor]:
+        """Batches of the stream from `rows_done` rows in, each gathered straight into `new_buffer()` ([batch, width]
+        in the stored dtype): the one host copy of a row after the read. A piece is gathered as soon as it arrives,
+        so its group buffer is free when the next piece is asked for, however many groups a batch spans. The caller
+        must be done with a yielded buffer before it asks for the next batch."""
+        out, at = None, 0
+        for source, index in self._row_stream(rows_done, reader):
+            src, idx, i = _torch_rows(source, self.dtype), torch.from_numpy(index.astype(np.int64, copy=False)), 0
+            while i < len(idx):
+                if out is None:
+                    out, at = new_buffer(), 0
+                take = min(self.batch_size - at, len(idx) - i)
+                torch.index_select(src, 0, idx[i:i + take], out=out[at:at + take])
+                at, i = at + take, i + take
+                if at == self.batch_size:
+                    yield out
+                    out = None
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored-dtype batch on the device → float32, scaled (on the device: GPU threads, not one host core)."""
+        """A fresh stored-dtype batch → float32 scaled by `scale`, on x's device (CUDA: a kernel on the side stream).
+        A float32 `x` is scaled in place: the callers hand over a tensor nobody else holds."""
         x = x.to(torch.float32)
         return x.mul_(self.scale) if self.scale != 1.0 else x
 
-    def _produce(self, rows_done: int, out: queue.Queue, stop: threading.Event) -> None:
-        """Prefetch thread: fill `out` with device batches (or the exception that ended the stream) until `stop`."""
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[ThreadPoolExecutor | None]:
+        """The thread that reads streaming groups ahead of the gathers (None in memory: nothing to read)."""
+        if self._memory is not None:
+            yield None
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ActivationStore-read")  # h5py and numpy only, no torch
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _produce(self, rows_done: int, out: queue.Queue, stop: threading.Event, ops: _CudaOps | None,
+                 set_up: threading.Event) -> None:
+        """Prefetch thread: fill `out` with device batches (or the exception that ended the stream) until `stop`.
+        `set_up` is set once the host path runs single-threaded torch ops (see _one_torch_thread); with CUDA the
+        consumer's step runs on the GPU, and the gathers keep the default threads, as before."""
 
         def put(item: object) -> bool:
             while not stop.is_set():
@@ -368,35 +452,60 @@ class ActivationStore:
             return False
 
         try:
-            if self.device.type == "cuda":
-                self._produce_cuda(rows_done, put)
-                return
-            for pieces in self._batches(rows_done):
-                raw = self._gather(pieces, self._host_buffer())
-                if not put((self._finish(raw).to(self.device), None)):
-                    return
+            if ops is None:
+                _one_torch_thread()
+            with self._reader() as reader:
+                set_up.set()
+                if ops is not None:
+                    self._produce_cuda(rows_done, put, reader, ops)
+                else:
+                    self._produce_host(rows_done, put, reader)
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
             put(e)
+        finally:
+            set_up.set()
 
     def _host_buffer(self, pin: bool = False) -> torch.Tensor:
         """An empty [batch, d_in] host tensor in the stored dtype."""
         dtype = torch.bfloat16 if self.dtype == "bfloat16" else getattr(torch, self._dset.dtype.name)
         return torch.empty(self.batch_size, self.d_in, dtype=dtype, pin_memory=pin)
 
-    def _produce_cuda(self, rows_done: int, put: Callable[[object], bool]) -> None:
+    def _produce_host(self, rows_done: int, put: Callable[[object], bool], reader: ThreadPoolExecutor | None) -> None:
+        """Gather each batch into one reused stored-dtype buffer and convert it to a new float32 tensor. A float32
+        file's batch is gathered into a new tensor instead: it is handed out as it is (scaled in place)."""
+        buf = self._host_buffer()
+        new_buffer = self._host_buffer if buf.dtype == torch.float32 else (lambda: buf)
+        with contextlib.closing(self._batches(rows_done, new_buffer, reader)) as batches:
+            for raw in batches:
+                if not put((self._finish(raw).to(self.device), None)):
+                    return
+
+    def _produce_cuda(self, rows_done: int, put: Callable[[object], bool], reader: ThreadPoolExecutor | None,
+                      ops: _CudaOps) -> None:
         """Gather into a ring of pinned buffers, copy and convert on a side stream; each batch travels with the
         event the consumer's stream waits on. A buffer is refilled only after its previous copy has finished."""
-        stream = torch.cuda.Stream(self.device)
-        ring = [(self._host_buffer(pin=True), torch.cuda.Event()) for _ in range(self.prefetch + 2)]
-        for i, pieces in enumerate(self._batches(rows_done)):
-            buf, copied = ring[i % len(ring)]
+        stream = ops.stream()
+        ring = [(self._host_buffer(pin=ops.pin), ops.event()) for _ in range(self.prefetch + 2)]
+        turn = [-1]
+
+        def new_buffer() -> torch.Tensor:
+            turn[0] += 1
+            buf, copied = ring[turn[0] % len(ring)]
             copied.synchronize()  # the copy out of this buffer (prefetch + 2 batches ago) is done
-            self._gather(pieces, buf)
-            with torch.cuda.stream(stream):
-                x = self._finish(buf.to(self.device, non_blocking=True))
-                copied.record(stream)
-            if not put((x, copied)):
-                return
+            return buf
+
+        with contextlib.closing(self._batches(rows_done, new_buffer, reader)) as batches:
+            for buf in batches:
+                copied = ring[turn[0] % len(ring)][1]
+                with ops.on(stream):
+                    x = self._finish(ops.copy(buf))
+                    copied.record(stream)
+                if not put((x, copied)):
+                    return
+
+    def _device_ops(self) -> _CudaOps | None:
+        """The side-stream calls for a CUDA device; None: the host path. (Tests stand in for them on CPU.)"""
+        return _CudaOps(self.device) if self.device.type == "cuda" else None
 
     # ---- public API ----
 
@@ -405,18 +514,22 @@ class ActivationStore:
         if self._thread is None:
             self._stop = threading.Event()
             self._queue = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._produce, args=(self.rows_done, self._queue, self._stop),
+            self._ops = self._device_ops()
+            set_up = threading.Event()
+            n_threads = torch.get_num_threads()  # also settles this thread's own team size before the workers run
+            self._thread = threading.Thread(target=self._produce,
+                                            args=(self.rows_done, self._queue, self._stop, self._ops, set_up),
                                             name="ActivationStore-prefetch", daemon=True)
             self._thread.start()
+            set_up.wait()
+            torch.set_num_threads(n_threads)  # the default for threads started later (see _one_torch_thread)
         item = self._queue.get()
         if isinstance(item, BaseException):
             self._stop_prefetch()
             raise item
         item, ready = item
         if ready is not None:  # CUDA: order the side stream's copy before the consumer's kernels
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(ready)
-            item.record_stream(current)  # its memory came from the side stream's pool
+            self._ops.hand_over(item, ready)
         epoch = self.rows_done // self.n_rows
         self.rows_done += self.batch_size
         if (self.rows_done - 1) // self.n_rows > epoch:
