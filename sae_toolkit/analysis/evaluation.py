@@ -17,8 +17,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from sae_toolkit.activations.outliers import DEFAULT_MULTIPLE
 from sae_toolkit.activations.reader import ActsReader
 from sae_toolkit.analysis.metrics import ModelMetrics, ReconstructionMetrics
+from sae_toolkit.analysis.sinks import MassiveTokens, median_token_norm, sink_shares
 from sae_toolkit.analysis.top_activations import TopActivations
 from sae_toolkit.errors import SAEToolkitError
 
@@ -35,18 +37,22 @@ class Scan(NamedTuple):
     """Top and interval examples per latent (None when top_k=0)."""
     reader: ActsReader
     """The (closed) file reader: hookpoint, seq_range, tokenizer, `tokens_of` for the examples."""
+    massive: MassiveTokens | None = None
+    """The massive-activation tokens among the evaluated ones (analysis/sinks.py); None when not detected."""
 
 
 @torch.no_grad()
 def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
          seq_range: tuple[int, int] | None = None, tokens: int | None = None, top_k: int = 20,
          batch_tokens: int = 4096, device: str = "cpu", tokenizer: object | None = "auto",
-         exclude_special: bool = True, left: int = 12, right: int = 4, seed: int = 0) -> Scan:
+         exclude_special: bool = True, left: int = 12, right: int = 4, seed: int = 0,
+         massive_multiple: float | None = DEFAULT_MULTIPLE) -> Scan:
     """Run `sae` over the file's windows once, accumulating metrics and (top_k > 0) top activations.
 
     Metrics and top activations skip the same tokens (`ActsReader.keep_mask`): BOS, the tokenizer's other special
     tokens unless exclude_special=False, and massive-activation positions. Memory: one chunk of ≤ batch_tokens
-    tokens (fewer when d_sae is large) at a time.
+    tokens (fewer when d_sae is large) at a time. massive_multiple: tokens whose activation norm exceeds this
+    multiple of the median are recorded as massive (analysis/sinks.py; they stay in the metrics), None or 0: off.
     """
     from tqdm.auto import tqdm
 
@@ -66,6 +72,14 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
     top = TopActivations(d_sae, k=top_k, left=left, right=right, seed=seed, device=device) if top_k else None
     n_tok = (reader.seq_range[1] - reader.seq_range[0]) * reader.ctx
     owned = reader if not isinstance(acts, ActsReader) else contextlib.nullcontext()
+    massive = None
+    if massive_multiple:
+        try:
+            massive = MassiveTokens(massive_multiple, median_token_norm(reader), reader.ctx, sae.cfg.d_out)
+        except BaseException:
+            if owned is reader:
+                reader.close()
+            raise
     with owned, tqdm(total=n_tok, unit="tok", unit_scale=True, desc=f"analyze {reader.hookpoint}") as bar:
         for (seq_ids, toks, x), y in zip(reader.chunks(seqs_per_chunk), targets):
             _require_finite(x, reader, int(seq_ids[0]))
@@ -76,13 +90,17 @@ def scan(sae, acts: str | Path | ActsReader, *, hookpoint: str | None = None,
             valid = reader.keep_mask(toks).to(device)  # [s, seq]
             keep = valid.reshape(-1)  # [s*seq]
             metrics.update(ref[keep], out.x_hat[keep].float(), out.feature_acts[keep].float())
+            if massive is not None:
+                massive.update(seq_ids, x, ref, out.x_hat, keep)
             if top is not None:
                 top.update(seq_ids, out.feature_acts.view(len(seq_ids), reader.ctx, d_sae), valid)
             bar.update(x.shape[0])
         if top is not None:
             top.to_cpu()
+            if massive is not None:
+                massive.shares = sink_shares(top.top.seq, top.top.pos, reader.ctx, massive.all_rows)
             reader.preload(top.top.seq[top.top.seq >= 0].tolist() + top.sample.seq[top.sample.seq >= 0].tolist())
-    return Scan(metrics, top, reader)
+    return Scan(metrics, top, reader, massive)
 
 
 def _require_finite(x: torch.Tensor, reader: ActsReader, first_seq: int) -> None:
@@ -126,9 +144,14 @@ def top_activations(sae, acts: str | Path, *, top_k: int = 20, latents: list[int
 def latent_record(res: Scan, latent: int) -> dict:
     """One latent's line of top_activations.jsonl."""
     ex = res.top.examples(latent, res.reader.tokens_of)
-    return {"feature": latent, "density": float(res.metrics.density[latent]),
-            "max_activation": float(res.metrics.act_max[latent]), "examples": ex["top"],
-            "interval_examples": ex["intervals"]}
+    rec = {"feature": latent, "density": float(res.metrics.density[latent]),
+           "max_activation": float(res.metrics.act_max[latent]), "examples": ex["top"],
+           "interval_examples": ex["intervals"]}
+    if res.massive is not None and res.massive.shares is not None:
+        # same token set as every number above: a flag for the dashboard, nothing is taken out of the record
+        rec["massive_share"] = float(res.massive.shares[latent])
+        rec["sink"] = bool(res.massive.sinks[latent])
+    return rec
 
 
 class WeightStats(NamedTuple):
@@ -196,6 +219,9 @@ def feature_table(res: Scan, weights: WeightStats, lens: LogitLens | None = None
             else:
                 peak.append("")
         table["max_token"] = peak
+        if res.massive is not None and res.massive.shares is not None:
+            table["massive_share"] = res.massive.shares.numpy()
+            table["sink"] = res.massive.sinks.numpy()
     if lens is not None:
         table["top_logit"] = [lens.top_tokens[i][0] if lens.top_tokens[i] else "" for i in range(d_sae)]
         table["top_logit_value"] = lens.top_values[:, 0].numpy()

@@ -66,6 +66,9 @@ h4 { font-size:13px; margin:10px 0 4px; color:var(--muted); text-transform:upper
 .ex span.tk { border-radius:2px; }
 .ex span.pk { outline:1.5px solid rgb(var(--act)); }
 .muted { color:var(--muted); }
+.badge { font-size:11px; border-radius:10px; padding:0 6px; background:#fff1e5; color:#953800;
+         border:1px solid #f0c8a8; }
+#side label { font-size:12px; color:var(--muted); display:flex; gap:4px; align-items:center; }
 .note { color:var(--muted); font-size:12px; }
 </style>
 </head>
@@ -87,6 +90,7 @@ h4 { font-size:13px; margin:10px 0 4px; color:var(--muted); text-transform:upper
         <option value="density">sort: density</option>
         <option value="index">sort: index</option>
       </select>
+      <label id="sinkctl"><input id="sinks" type="checkbox"> show sink latents</label>
     </div>
     <div id="count"></div>
     <div id="list"></div>
@@ -99,7 +103,7 @@ h4 { font-size:13px; margin:10px 0 4px; color:var(--muted); text-transform:upper
 "use strict";
 const D = JSON.parse(document.getElementById("report-data").textContent);
 const V = D.vocab;
-const F = D.features;  // [index, density, mean, max, enc_dec_cos, nearest, nearest_cos, max_token]
+const F = D.features;  // [index, density, mean, max, enc_dec_cos, nearest, nearest_cos, max_token, sink]
 const el = (tag, cls, text) => { const e = document.createElement(tag); if (cls) e.className = cls;
   if (text !== undefined) e.textContent = text; return e; };
 const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v)) ? "n/a" :
@@ -127,6 +131,11 @@ const search = F.map((f) => {
   return [V[f[7]], ...peaks, ...lens, ...expl].join("\\u0000").toLowerCase();
 });
 const list = document.getElementById("list"), q = document.getElementById("q"), sort = document.getElementById("sort");
+// Sink latents (analysis/sinks.py) peak on massive-activation tokens; they would fill the top of the
+// max-activation sort, so the default list leaves them out; the box, or their index, brings them back.
+const sinks = document.getElementById("sinks"), nSinks = F.filter((f) => f[8]).length;
+if (!nSinks) document.getElementById("sinkctl").style.display = "none";
+else document.getElementById("sinkctl").lastChild.textContent = " show " + nSinks + " sink latents";
 let selected = D.meta.default_feature;
 
 function renderList() {
@@ -134,18 +143,23 @@ function renderList() {
   let rows = F.map((f, i) => i);
   if (/^\\d+$/.test(text)) rows = rows.filter((i) => String(F[i][0]).startsWith(text));
   else if (text) rows = rows.filter((i) => search[i].includes(text));
+  const hidden = (sinks.checked || /^\\d+$/.test(text)) ? 0 : rows.filter((i) => F[i][8]).length;
+  if (hidden) rows = rows.filter((i) => !F[i][8]);
   const key = sort.value;
   if (key === "max") rows.sort((a, b) => F[b][3] - F[a][3]);
   else if (key === "density") rows.sort((a, b) => F[b][1] - F[a][1]);
   else rows.sort((a, b) => F[a][0] - F[b][0]);
   const shown = rows.slice(0, 400);
   document.getElementById("count").textContent =
-    rows.length + " features" + (rows.length > shown.length ? ", first 400 shown" : "");
+    rows.length + " features" + (rows.length > shown.length ? ", first 400 shown" : "") +
+    (hidden ? " (" + hidden + " sink latents hidden)" : "");
   list.replaceChildren();
   for (const i of shown) {
     const f = F[i], r = el("div", "row" + (f[0] === selected ? " sel" : ""));
     const t = el("span", "t"); if (V[f[7]]) t.append(el("span", "tv", show(V[f[7]])));
-    r.append(el("span", "i", "#" + f[0]), t, el("span", "d", sig(f[3])));
+    r.append(el("span", "i", "#" + f[0]), t);
+    if (f[8]) r.append(el("span", "badge", "sink"));
+    r.append(el("span", "d", sig(f[3])));
     r.onclick = () => select(f[0]);
     list.append(r);
   }
@@ -181,7 +195,10 @@ function select(idx) {
   det.replaceChildren();
   if (pos < 0) { det.append(el("p", "muted", "feature " + idx + " is not in this report")); return; }
   const f = F[pos];
-  det.append(el("h3", null, "Feature " + f[0]));
+  const h = el("h3", null, "Feature " + f[0] + " ");
+  if (f[8]) h.append(el("span", "badge", "sink latent"));
+  det.append(h);
+  if (f[8]) det.append(el("p", "note", "A sink latent: " + D.meta.sink_rule + "."));
   const st = el("div", "stats");
   for (const [k, v] of [["density", fmt(f[1], 5)], ["mean act", fmt(f[2])], ["max act", fmt(f[3])],
                         ["enc/dec cos", fmt(f[4])], ["nearest", "#" + f[5] + " (cos " + fmt(f[6]) + ")"]]) {
@@ -230,6 +247,7 @@ function select(idx) {
 
 q.oninput = () => { renderList(); const text = q.value.trim(); if (/^\\d+$/.test(text)) select(Number(text)); };
 sort.onchange = renderList;
+sinks.onchange = renderList;
 const fromHash = Number(location.hash.slice(1));
 if (location.hash.length > 1 && Number.isInteger(fromHash)) selected = fromHash;
 renderList();

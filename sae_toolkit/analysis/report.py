@@ -123,7 +123,8 @@ def build_report(path: str | Path, *, acts: str | Path, out: str | Path, model: 
                              outlier_multiple=outlier_multiple, exclude_first_positions=exclude_first_positions)
     with reader:
         notes += check_acts(sae, reader, allow_mismatch=allow_mismatch, where=path)
-        res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens)
+        res = scan(sae, reader, top_k=top_k, device=device, batch_tokens=batch_tokens,
+                   massive_multiple=outlier_multiple)
         lens, model_m, effects_res = None, {}, None
         if model:
             from sae_toolkit.model.loading import load_model
@@ -326,6 +327,9 @@ def _metrics_json(sae, res: Scan, model_m: dict, notes: list[str], provenance: d
         "excluded_token_ids": r.special_ids.tolist(),
         "excluded_positions": r.excluded_positions.nonzero().flatten().tolist(),
         "excluded_tokens": dict(r.n_excluded),
+        # reported, not excluded: they hold much of the variance and the model needs them (analysis/sinks.py)
+        "massive_tokens": None if res.massive is None else res.massive.summary(res.metrics),
+        "sink_latents": None if res.massive is None else res.massive.sink_summary(),
         "ce_loss_recovered_baseline": "zero ablation: (ce_zero_ablation - ce_sae) / (ce_zero_ablation - ce_clean);"
                                       " ce_loss_recovered_mean uses the mean activation instead of zeros",
         "logit_lens": None if lens is None else lens.note,
@@ -458,7 +462,8 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
         i = int(row[0])
         peak = rec["examples"][0]["tokens"][rec["examples"][0]["peak"]] if rec["examples"] else ""
         features.append([i, finite(row[1], 5) or 0, finite(row[2]) or 0, finite(row[3]) or 0,
-                         finite(row[4]) or 0, int(row[5]), finite(row[6]) or 0, tid(peak)])
+                         finite(row[4]) or 0, int(row[5]), finite(row[6]) or 0, tid(peak),
+                         1 if rec.get("sink") else 0])
         if rec["examples"]:
             examples[i] = {"top": [ex_row(e) for e in rec["examples"][:per_latent]],
                            "intervals": [ex_row(e) for e in _one_per_interval(rec["interval_examples"])]}
@@ -482,6 +487,13 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
                   ("Δ CE (nats)", num(m["delta_ce"])),
                   ("KL(clean‖SAE)", num(m["kl_sae"])), ("CE clean", num(m["ce_clean"]))]
     cards.append(("tokens evaluated", f"{m['tokens_evaluated']:,}"))
+    massive, sinks = m.get("massive_tokens"), m.get("sink_latents")
+    if massive:
+        cards.append(("massive-activation tokens (kept in the metrics)",
+                      f"{massive['count']:,} ({pct(massive['fraction'])}, {pct(massive['variance_share'])} of the "
+                      f"variance; EV without them {num(massive['explained_variance_without'])})"))
+    if sinks:
+        cards.append(("sink latents (peak on massive tokens; hidden from the default list)", f"{sinks['count']:,}"))
     if m.get("excluded_positions"):
         cards.append(("massive-activation positions excluded",
                       f"{', '.join(map(str, m['excluded_positions']))} "
@@ -498,6 +510,7 @@ def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes
                 f"{m['seqs_evaluated']} windows of {m['context_size']} tokens · sae-toolkit {__version__}")
     return {
         "meta": {"title": title, "subtitle": subtitle, "notes": " · ".join(m["notes"]),
+                 "sink_rule": (f"{sinks['rule']} (massive: {massive['rule']})" if sinks and massive else ""),
                  "lens_note": m["logit_lens"] or "", "default_feature": _default_feature(records)},
         "cards": cards,
         "plots": [[name, png_data_uri(png)] for name, png in plots.items()],
@@ -521,9 +534,11 @@ def _one_per_interval(examples: list[dict]) -> list[dict]:
 
 def _default_feature(records: list[dict]) -> int | None:
     """The feature shown first: the one whose top examples most agree on their peak token (an easy one to name),
-    ties broken by max activation; the first feature when none has enough examples."""
+    ties broken by max activation, sink latents aside; the first feature when none has enough examples."""
     best, best_key = None, None
     for rec in records:
+        if rec.get("sink"):
+            continue
         peaks = [e["tokens"][e["peak"]].strip() for e in rec["examples"]]
         if len(peaks) < 3:
             continue

@@ -140,7 +140,9 @@ def test_top_activations_api_records(tmp_path):
     assert [r["feature"] for r in recs] == [0, 5, 7]
     assert any(r["examples"] for r in recs)
     for r in recs:
-        assert set(r) == {"feature", "density", "max_activation", "examples", "interval_examples"}
+        assert set(r) == {"feature", "density", "max_activation", "examples", "interval_examples", "massive_share",
+                          "sink"}
+        assert r["sink"] is False  # random rows: no massive-activation tokens (tests/analysis/test_sinks.py)
         if r["examples"]:
             assert r["examples"][0]["activation"] == pytest.approx(r["max_activation"], rel=1e-6)
             assert r["density"] > 0
