@@ -298,7 +298,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _outlier_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-multiple", type=float, default=5.0,
-                   help="exclude positions whose median activation norm exceeds this multiple of the median (0: off)")
+                   help="exclude positions whose median activation norm exceeds this multiple of the median; "
+                   "analysis also marks tokens above it and the sink latents built on them (0: off)")
     p.add_argument("--exclude-first-positions", type=int, default=0, help="also exclude the first N positions")
 
 
