@@ -51,8 +51,8 @@ def _train(path, out, arch, **kw):
 
 
 # Measured here (this toy, 200k tokens, 2 CPU threads): topk, batchtopk, relu, gated, jumprelu ≥ 0.95 (jumprelu
-# 0.960 / 0.973 for seeds 0 / 1); matryoshka 0.94. On the issue's larger toy (1M tokens) matryoshka reaches 0.985
-# and jumprelu only 0.89 (README table). Before issue 11 the defaults gave relu 0.43, jumprelu 0.38, gated 0.50,
+# 0.974 / 0.970 for seeds 0 / 1); matryoshka 0.94. On the issue's larger toy (1M tokens) matryoshka reaches 0.985
+# and jumprelu only 0.93 (README table). Before issue 11 the defaults gave relu 0.43, jumprelu 0.38, gated 0.50,
 # batchtopk 0.86 on that toy.
 MIN_MMCS = {"matryoshka": 0.92}
 
