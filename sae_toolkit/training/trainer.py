@@ -70,7 +70,7 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
     """
     if lr is not None:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
     # bf16 autocast runs the matmuls in bf16 while parameters and Adam moments stay fp32 (master weights).
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
         kw = {} if target is None else {"target": target}  # archs without transcoder support never see it
@@ -85,6 +85,17 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
     if sae.unit_norm_decoder:
         sae.normalize_decoder_()
     return out
+
+
+def param_groups(sae: SAE, steered: bool = False) -> list[dict[str, Any]]:
+    """Adam parameter groups: one, plus, when λ is steered to a target L0, one per parameter the SAE asks to
+    learn faster then (`sae.steering_lr_scales`: the JumpReLU thresholds); a group's lr is the schedule's times
+    its `lr_scale`."""
+    scales = getattr(sae, "steering_lr_scales", {}) if steered else {}
+    named = dict(sae.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n not in scales], "lr_scale": 1.0}]
+    groups += [{"params": [named[n]], "lr_scale": float(s)} for n, s in scales.items() if n in named]
+    return groups
 
 
 class Trainer:
@@ -133,7 +144,8 @@ class Trainer:
         # every batch has the same shape
         self._loss_fn = (torch.compile(self.sae.training_loss, fullgraph=True, dynamic=False,
                                        backend=COMPILE_BACKEND) if cfg.compile else None)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas,
+        self.opt = torch.optim.Adam(param_groups(self.sae, steered=cfg.target_l0 is not None), lr=self.lr,
+                                    betas=cfg.adam_betas,
                                     fused=self.device.type in ("cuda", "cpu"))  # CPU: 3.3x foreach
         self.step = 0
         self.l0_controller = (L0Controller(cfg.target_l0, gain=controller_gain(self.total_steps), device=self.device)
@@ -222,7 +234,7 @@ class Trainer:
         optimizer_from_flat(self.opt, tensors, state["optimizer"])
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         if self.l0_controller is not None:
-            self.l0_controller.log_scale.copy_(tensors["sparsity.log_scale"])
+            self.l0_controller.load_state_tensors_(tensors)
         self.generator.set_state(tensors["rng.resample"].cpu())
         self.store.load_state_dict(state["store"])
         self.step = int(state["step"])
@@ -387,7 +399,7 @@ class Trainer:
         tensors.update(opt_tensors)
         tensors.update({"tokens_since_fired": self.tokens_since_fired, "rng.resample": self.generator.get_state()})
         if self.l0_controller is not None:
-            tensors["sparsity.log_scale"] = self.l0_controller.log_scale
+            tensors.update(self.l0_controller.state_tensors())
         state = {"step": self.step, "total_steps": self.total_steps, "store": self.store.state_dict(),
                  "optimizer": opt_meta, "sae_cfg": self.sae.cfg.to_dict(), "train_config": self.cfg.to_dict(),
                  "toolkit_version": __version__}
