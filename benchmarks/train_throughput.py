@@ -42,6 +42,7 @@ RATIOS = [  # (numerator, denominator, target) — a target of None is informati
     ("topk_nodead", "sparsify_topk_nodead", 1.5),
     ("topk_dead10", "matmul_floor", 0.4),
     ("topk_dead10_compiled", "topk_dead10", None),
+    ("jumprelu_sparse2_compiled", "topk_nodead", None),
     ("topk_nodead", "matmul_floor", 0.4),
     ("relu_fresh", "saelens_relu_fresh", 1.0),
     ("relu_sparse2", "saelens_relu_sparse2", 1.5),
@@ -112,6 +113,7 @@ def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Te
     add("topk_dead10", "topk", 0.1)
     add("topk_nodead", "topk", 0.0)
     add("topk_dead10_compiled", "topk", 0.1, compiled=True)
+    add("jumprelu_sparse2_compiled", "jumprelu", density=0.02, compiled=True)
     add("batchtopk_dead10", "batchtopk", 0.1)
     add("relu_fresh", "relu")
     add("relu_sparse2", "relu", density=0.02)
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--no-autocast", action="store_true", help="on CUDA: fp32 matmuls instead of bf16 autocast")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds: only checks that it runs")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="add topk_dead10_compiled (torch.compile'd loss)")
+    p.add_argument("--compile", action="store_true",
+                   help="add topk_dead10_compiled, jumprelu_sparse2_compiled (torch.compile'd loss)")
     p.add_argument("--compile-backend", default="inductor", help="aot_eager for a quick check on CPU")
     args = p.parse_args(argv)
     if args.quick:
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                  "sparsify_topk_nodead", "saelens_relu_fresh", "saelens_relu_sparse2"}
     names = set(args.only) if args.only else set(all_names)
     if args.compile:
-        names.add("topk_dead10_compiled")
+        names.update({"topk_dead10_compiled", "jumprelu_sparse2_compiled"})
     batches = _batches(args.d_in, args.batch, device)
     contenders: dict[str, Callable[[torch.Tensor], None]] = {}
     if "matmul_floor" in names:
