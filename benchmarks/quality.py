@@ -113,9 +113,10 @@ def write_markdown(rows: list[dict], args: argparse.Namespace, n_train: int, n_s
         f"measured on the held-out sequences {n_train}..{n_seqs}. Same budget for every run: "
         f"{args.tokens or 'one pass'} tokens, batch {args.batch_size}, expansion {args.expansion}, seed 0, each "
         "architecture's defaults; TopK family given k = L0, relu/gated/jumprelu given --target-l0 L0.",
-        *([f"`{SPARSIFY}` is EleutherAI sparsify {next(r['sparsify_version'] for r in rows if r['arch'] == SPARSIFY)}"
-           "'s TopK trained on the same rows, batches and budget with its own defaults (signum: schedule-free "
-           "SignSGD, lr 5e-3/sqrt(n_latents/2^14), no AuxK; benchmarks/quality_peers.py)."]
+        *(["", f"`{SPARSIFY}` is EleutherAI sparsify "
+               f"{next(r['sparsify_version'] for r in rows if r['arch'] == SPARSIFY)}'s TopK trained on the same "
+               "rows, batches and budget with its own defaults (signum: schedule-free SignSGD, lr "
+               "5e-3/sqrt(n_latents/2^14), no AuxK; benchmarks/quality_peers.py)."]
           if any(r["arch"] == SPARSIFY for r in rows) else []),
         "",
         *lines,

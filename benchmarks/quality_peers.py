@@ -39,8 +39,10 @@ def sparsify_version() -> str:
 
     try:
         return version("eai-sparsify")
-    except PackageNotFoundError:
-        return "?"
+    except PackageNotFoundError:  # imported from a folder on PYTHONPATH without its dist-info
+        import sparsify
+
+        return str(getattr(sparsify, "__version__", "?"))
 
 
 def train_sparsify_topk(cfg: TrainConfig, d_sae: int, *, progress: bool = True) -> tuple[SAE, dict]:
