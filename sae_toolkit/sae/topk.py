@@ -143,7 +143,8 @@ class BatchTopKSAE(TopKSAE):
     """BatchTopK (Bussmann et al. 2024): training keeps the k·batch largest pre-activations of the whole batch
     (ReLU'd), so tokens get a variable number of latents averaging k. Inference applies one threshold θ,
     f = ReLU(π)·1[π > θ], θ an EMA (cfg.batchtopk_threshold_decay) of the smallest kept positive activation per
-    training batch. Same AuxK loss as TopK.
+    training batch, which the trainer replaces at the end by `calibrate_threshold_` on training rows (the saved
+    SAE keeps k latents per token on average there). Same AuxK loss as TopK.
     """
 
     archs = ("batchtopk",)
