@@ -13,7 +13,7 @@ from sae_toolkit.sae import ARCHS
 # Fields that may change between a run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = {"acts", "out", "resume", "device", "log_every", "checkpoint_every", "keep_checkpoints",
                       "logger", "wandb_project", "run_name", "prefetch",
-                      "compile"}
+                      "compile", "threshold_calibration_rows"}
 
 
 @dataclass
@@ -114,6 +114,10 @@ class TrainConfig:
     topk_start_fraction: float = 0.5
     """batchtopk, matryoshka: share of training (at the start) that selects the top k per token, as TopK, before
     the batch-wide selection takes over (see BatchTopKSAE.per_token_selection)."""
+    threshold_calibration_rows: int = 65536
+    """batchtopk, matryoshka: training rows on which the saved SAE's inference threshold θ is set from the final
+    weights, so that it keeps k latents per token on average (BatchTopKSAE.calibrate_threshold_). 0: keep the
+    EMA of the per-batch minima instead."""
     jumprelu_loss: Literal["tanh", "step"] = "tanh"
     """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
     estimator of Rajamanoharan et al. 2024."""
@@ -155,6 +159,10 @@ class TrainConfig:
         for name in ("n_features", "tokens", "dead_window_tokens"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
+        if isinstance(self.threshold_calibration_rows, bool) or not isinstance(self.threshold_calibration_rows, int) \
+                or self.threshold_calibration_rows < 0:
+            raise SAEToolkitError(f"threshold_calibration_rows={self.threshold_calibration_rows!r} must be a "
+                                  "non-negative integer (0 keeps the EMA threshold)")
         if self.lr_warmup_steps is not None and (not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0):
             raise SAEToolkitError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be a non-negative integer")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):

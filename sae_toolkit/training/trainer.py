@@ -53,6 +53,9 @@ _RUN_FILES = {"train_config.json", "metrics.jsonl", "checkpoints", "sae", ".tmp-
               ".tmp-train_config.json", ".tmp-metrics.jsonl", MARKER}
 """What a run directory may hold; anything else means --out points at someone else's directory."""
 
+_CALIBRATION_SEED = 7_919
+"""store.sample seed of the BatchTopK threshold calibration rows (init uses 0, resampling 1 + step)."""
+
 _RUN_LEGACY = only_names(_RUN_FILES, lambda d: (d / "train_config.json").is_file())
 """A run folder an older sae-toolkit wrote (no ownership marker): --force may replace it."""
 
@@ -408,6 +411,10 @@ class Trainer:
     def save_sae(self) -> Path:
         """Write RUN_DIR/sae with the activation scale folded in, so it works on raw activations."""
         sae = copy.deepcopy(self.sae)
+        if hasattr(sae, "calibrate_threshold_") and self.cfg.threshold_calibration_rows:
+            # BatchTopK family: θ from the final weights on training rows, so inference keeps k per token
+            rows = self.store.sample(self.cfg.threshold_calibration_rows, seed=_CALIBRATION_SEED)
+            sae.calibrate_threshold_(split_batch(rows)[0].to(self.device))
         if self.l0_controller is not None:
             # the steered λ, so the saved config says what the run ended with (λ is in normalized units)
             sae.cfg.l1_coefficient = self.sparsity_coefficient()

@@ -178,6 +178,27 @@ def test_batchtopk_threshold_ignores_batches_without_positive_activations():
     assert 0 < sae.threshold < float("inf")
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_calibrated_threshold_keeps_k_per_token_on_the_calibration_rows(arch):
+    sae = randomized(arch, seed=5).eval()
+    x = torch.randn(300, D_IN, dtype=torch.float64)
+    # chunks smaller than the batch: the running top-(k·n + 1) must equal one selection over all rows
+    theta = sae.calibrate_threshold_(x, chunk_rows=64)
+    pre = pre_acts_ref(sae, x).detach()
+    assert theta == pytest.approx(float(pre.reshape(-1).sort(descending=True).values[K * 300]))
+    assert float(sae.threshold) == pytest.approx(theta)
+    with torch.no_grad():
+        l0 = (sae.encode(x) > 0).sum(-1).double()
+    assert float(l0.mean()) == pytest.approx(K, abs=1 / 300)  # exactly k·n entries, ties aside
+    assert l0.min() != l0.max()  # a threshold, not a per-token top-k
+    # fewer than k·n positive pre-activations: θ = 0 keeps every positive one
+    with torch.no_grad():
+        sae.b_enc.fill_(-3.0)
+    assert sae.calibrate_threshold_(x) == 0.0
+    with pytest.raises(SAEToolkitError, match=r"\[n, d_in\]"):
+        sae.calibrate_threshold_(x[:0])
+
+
 def test_remove_parallel_grad_and_normalize_keep_unit_norms():
     sae = _make("relu")
     opt = torch.optim.Adam(sae.parameters(), lr=0.05)

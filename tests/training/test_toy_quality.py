@@ -50,11 +50,11 @@ def _train(path, out, arch, **kw):
     return train_sae(TrainConfig(**{**cfg, **kw}))
 
 
-# Measured here (this toy, 200k tokens, 2 CPU threads): topk, batchtopk, relu, gated, jumprelu ≥ 0.95 (jumprelu
-# 0.974 / 0.970 for seeds 0 / 1); matryoshka 0.94. On the issue's larger toy (1M tokens) matryoshka reaches 0.985
-# and jumprelu only 0.93 (README table). Before issue 11 the defaults gave relu 0.43, jumprelu 0.38, gated 0.50,
-# batchtopk 0.86 on that toy.
-MIN_MMCS = {"matryoshka": 0.92}
+# Measured here (this toy, 200k tokens, 2 CPU threads): every arch ≥ 0.95 (jumprelu 0.974 / 0.970 for seeds 0 / 1;
+# matryoshka 0.962 since the TopK family's lr factor 3, 0.938 at Gao et al.'s rate). On the issue's larger toy
+# (1M tokens) jumprelu reaches only 0.93 (README table). Before issue 11 the defaults gave relu 0.43, jumprelu 0.38,
+# gated 0.50, batchtopk 0.86 on that toy.
+MIN_MMCS: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,11 +65,12 @@ def test_every_arch_recovers_the_toy_directions_with_its_defaults(toy, tmp_path,
     mmcs = mean_max_cosine(sae.W_dec.detach().numpy(), dirs)
     assert mmcs >= MIN_MMCS.get(arch, 0.95), f"{arch}: mean max cosine {mmcs:.3f}"
     if arch in ("batchtopk", "matryoshka"):
-        # the inference threshold comes from the batch-wide phase only, so inference keeps ~k latents per token
+        # the saved threshold is calibrated on training rows with the final weights: inference keeps k = 4
+        # latents per token on average (within the issue's 5 %; the EMA threshold alone gave 3.55-3.6 here)
         with h5py.File(path) as f:
             x = torch.from_numpy(f["acts/hp"][-4096:])
         with torch.no_grad():
-            assert 3 <= float((sae.encode(x) > 0).sum(-1).float().mean()) <= 5
+            assert float((sae.encode(x) > 0).sum(-1).float().mean()) == pytest.approx(4, rel=0.05)
 
 
 def test_april_2024_relu_from_its_defaults(toy, tmp_path):
@@ -160,3 +161,23 @@ def test_controller_state_round_trip_and_old_checkpoints():
     old = L0Controller(8.0)
     old.load_state_tensors_({"sparsity.log_scale": torch.tensor(0.7)})  # written before the P term existed
     assert float(old.integral) == pytest.approx(0.7) and float(old.scale()) == pytest.approx(math.exp(0.7))
+def test_batchtopk_threshold_calibration_rows(toy, tmp_path):
+    from sae_toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    path, _ = toy
+    runs = {n: _train(path, tmp_path / f"cal{n}", "batchtopk", tokens=512 * 30, threshold_calibration_rows=n)
+            for n in (0, 8192)}
+    ema, cal = (SAE.load(runs[n]) for n in (0, 8192))
+    torch.testing.assert_close(ema.W_enc, cal.W_enc)  # the same training; only the saved θ differs
+    # 0 keeps the trainer's EMA (in raw units)
+    tensors, _ = load_checkpoint(latest_checkpoint(runs[0]))
+    scale = json.loads((runs[0] / "train_config.json").read_text())["resolved"]["scale"]
+    assert float(ema.threshold) == pytest.approx(float(tensors["sae.threshold"]) / scale, rel=1e-6)
+    assert float(cal.threshold) != pytest.approx(float(ema.threshold), rel=1e-3)
+    with h5py.File(path) as f:
+        x = torch.from_numpy(f["acts/hp"][:])
+    with torch.no_grad():
+        assert float((cal.encode(x) > 0).sum(-1).float().mean()) == pytest.approx(4, rel=0.05)
+    with pytest.raises(SAEToolkitError, match="threshold_calibration_rows=-1"):
+        TrainConfig(acts="a.h5", hookpoint="hp", arch="batchtopk", k=4, threshold_calibration_rows=-1,
+                    out=str(tmp_path))
