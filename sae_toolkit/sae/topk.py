@@ -121,14 +121,14 @@ class TopKSAE(SAE):
         z_pre = pre.index_select(1, dead)  # [batch, n_dead], no grad: the encoder ran once, for every latent
         # gradients reach the dead columns of W_enc, b_enc (and b_dec, as one matvec) without a second forward GEMM
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        z = kernels.dense_pre_acts(z_pre, sae_in, kernels.select_columns(self.W_enc, dead),
+        z = kernels.dense_pre_acts(z_pre, sae_in, kernels.select_distinct(self.W_enc, dead, 1),
                                    self.b_enc.index_select(0, dead), b_dec, adaptive=False)
         k_aux = min(self.cfg.k_aux, dead.numel())
         f = z.relu()  # [batch, n_dead]
         if k_aux < dead.numel():
             idx = z_pre.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux], chosen without grad
             f = f * torch.zeros_like(z_pre, dtype=torch.bool).scatter_(-1, idx, True)
-        return f @ self.W_dec.index_select(0, dead)
+        return f @ kernels.select_distinct(self.W_dec, dead, 0)
 
     def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor, t: Transposed | None = None) -> Tensor:
         """[nnz] pre-activations at code's entries with the sparse backward (b_dec's gradient as one matvec)."""

@@ -345,14 +345,15 @@ def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
     assert set((code.rows * 300 + code.cols).tolist()) == set(flat.topk(n_keep).indices.tolist())
 
 
-def test_select_columns_matches_indexing_with_gradients():
+@pytest.mark.parametrize("dim", [0, 1])
+def test_select_distinct_matches_indexing_with_gradients(dim):
     g_ = torch.Generator().manual_seed(12)
     W = torch.randn(5, 9, generator=g_, requires_grad=True)
-    idx = torch.tensor([7, 0, 3])
-    up = torch.randn(5, 3, generator=g_)
-    got = torch.autograd.grad((kernels.select_columns(W, idx) * up).sum(), W)[0]
-    want = torch.autograd.grad((W[:, idx] * up).sum(), W)[0]
-    torch.testing.assert_close(kernels.select_columns(W, idx), W[:, idx])
+    idx = torch.tensor([3, 0, 4])
+    up = torch.randn(3, 9, generator=g_) if dim == 0 else torch.randn(5, 3, generator=g_)
+    got = torch.autograd.grad((kernels.select_distinct(W, idx, dim) * up).sum(), W)[0]
+    want = torch.autograd.grad((W.index_select(dim, idx) * up).sum(), W)[0]
+    torch.testing.assert_close(kernels.select_distinct(W, idx, dim), W.index_select(dim, idx))
     torch.testing.assert_close(got, want)
 
 
