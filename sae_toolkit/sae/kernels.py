@@ -56,9 +56,9 @@ def host_syncs_ok(t: Tensor) -> bool:
 
 
 SPARSE_MAX_DENSITY = 0.05
-"""The adaptive kernels (`adaptive_decode`, `dense_pre_acts`' backward) switch to sparse bag sums when at most
-this share of the [batch, d_sae] entries is non-zero: a fresh SAE fires on ~half of them (a GEMM wins), a trained
-one on ~1-2 %."""
+"""The ReLU step and the adaptive kernels (`adaptive_decode`, `dense_pre_acts`' backward) switch to sparse bag
+sums when at most this share of the [batch, d_sae] entries is non-zero: a fresh SAE fires on ~half of them (a GEMM
+wins), a trained one on ~1-2 %."""
 
 
 def _sparse_support(t: Tensor) -> SparseActs | None:

@@ -263,10 +263,8 @@ def test_cuda_kernels_match_dense_reference(arch):
 @pytest.mark.parametrize("kw", [{}, {"decoder_norm_penalty": True}, {"apply_b_dec_to_input": False}],
                          ids=["unit_norm", "april", "no_b_dec_in"])
 def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
-    from sae_toolkit.sae import relu
-
     # forced: "dense" never takes the sparse kernels, "sparse" always does, "gpu" may not sync to decide
-    monkeypatch.setattr(relu, "SPARSE_MAX_DENSITY", {"dense": -1.0, "sparse": 1.0, "gpu": 1.0}[path])
+    monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", {"dense": -1.0, "sparse": 1.0, "gpu": 1.0}[path])
     if path == "gpu":
         monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)
     taken = []
