@@ -109,12 +109,18 @@ class SAE(nn.Module, ABC):
         # addmm-fused bias: a separate add over [batch, d_sae] costs ~40% of the matmul on CPU
         return F.linear(self._sae_in(x), self.W_enc.t(), self.b_enc)
 
-    def _pre_acts_with_grad(self, x: Tensor) -> Tensor:
+    @torch.no_grad()
+    def _encoder_pass(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pre [batch, d_sae], sae_in [batch, d_in]) of a training batch, without autograd: kernels that write
+        their own backward attach the gradients (`kernels.dense_pre_acts`, `jumprelu._TanhStep`)."""
+        sae_in = self._sae_in(x)
+        return F.linear(sae_in, self.W_enc.t(), self.b_enc), sae_in
+
+    def _pre_acts_with_grad(self, x: Tensor, computed: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`pre_acts` of a [batch, d_in] training batch through `kernels.dense_pre_acts`: the same values and
-        gradients, with ∂b_dec as one matvec and ∂W_enc from G's non-zero entries when few gates are open."""
-        with torch.no_grad():
-            sae_in = self._sae_in(x)
-            pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)
+        gradients, with ∂b_dec as one matvec and ∂W_enc from G's non-zero entries when few gates are open.
+        computed: `_encoder_pass(x)` when the caller already ran it."""
+        pre, sae_in = computed if computed is not None else self._encoder_pass(x)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         return kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec)
 

@@ -55,6 +55,85 @@ class _Step(Function):
         return None, -band_sum / ctx.eps, None
 
 
+FUSED_MAX_DENSITY = 0.15
+"""The tanh step runs as `_TanhStep` on eager CPU when at most this share of the [batch, d_sae] pre-activations lie
+above θ − ε/2 (the open gates and the threshold estimator's band, where ∂L/∂f is needed): one dot product per such
+entry (~50 ns each on the project's CPU) against a dense g W_decᵀ GEMM (~7 ns per entry)."""
+
+
+class _TanhStep(Function):
+    """The tanh-recipe latent step from precomputed pre-activations, with its whole backward written out sparse.
+
+    Forward (no autograd inside): f = π·1[π > θ] on U = {π > θ − ε/2} (flat row-major indices `flat_u`), returns
+    (f W_dec [batch, d_out], Σ tanh(c·f·n), Σ ReLU(θ − π)·n, fired [d_sae] bool, number of open gates), n = ‖W_dec,i‖.
+    The same values and gradients as the composed autograd graph (`_JumpReLU` + `adaptive_decode` + the two
+    penalty terms), but:
+    - ∂L/∂f is a dot product g[row]·W_dec[col] per entry of U instead of the dense g W_decᵀ,
+    - the pre-activation term's ∂π = −n·1[π < θ] is dense, but its ∂W_enc = −n ⊗ Σ_b x_b + Σ_{π ≥ θ} x_b n is a
+      rank-one update plus a sum over the (few) gates at or above θ: no dense ∂W_enc GEMM,
+    - Σ_b ReLU(θ − π) = B·θ − Σ_b π + Σ_{π ≥ θ}(π − θ), with Σ_b π = (Σ_b x_b) W_enc + B·b_enc a matvec: no
+      elementwise pass over [batch, d_sae] besides the one comparison that found U.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, theta, W_dec, norms, c, eps, flat_u):
+        n_rows, d_sae = pre.shape
+        rows, cols = flat_u // d_sae, flat_u % d_sae
+        z = pre.reshape(-1).index_select(0, flat_u)  # π on U
+        th = theta.index_select(0, cols)
+        s = (z >= th).nonzero().squeeze(1)  # S: ReLU(θ − π) = 0 there; ⊇ the open gates (equal only if π = θ)
+        s_rows, s_cols, s_z = rows[s], cols[s], z[s]
+        f = s_z * (s_z > th[s])  # JumpReLU output on S
+        dec = kernels.bag_sum(W_dec, s_cols, kernels.row_offsets(s_rows, n_rows), f)
+        t = torch.tanh(c * norms.index_select(0, s_cols) * f)
+        x_sum = sae_in.sum(0)
+        pi_sum = x_sum.to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
+        excess = torch.zeros_like(theta).index_add_(0, s_cols, s_z - th[s])
+        relu_sum = (n_rows * theta - pi_sum + excess).clamp_min_(0)  # [d_sae] Σ_b ReLU(θ − π)
+        n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(theta.dtype)  # [d_sae] #{b: π < θ}
+        opened = f > 0  # θ > 0, so open ⇔ f > 0
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
+        ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, f, t, x_sum, relu_sum, n_lt)
+        ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
+        ctx.mark_non_differentiable(fired)
+        return dec, t.sum(), (norms * relu_sum).sum(), fired, opened.sum()
+
+    @staticmethod
+    def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
+        sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, f, t, x_sum, relu_sum, n_lt = ctx.saved_tensors
+        n_rows, d_sae, c = sae_in.shape[0], theta.shape[0], ctx.c
+        g_dec = g_dec.contiguous()
+        s_rows, s_cols = rows.index_select(0, s), cols.index_select(0, s)
+        band = (z - th).abs_() < ctx.eps / 2
+        # ∂L/∂f on S, one dot product per entry: the reconstruction's g·W_dec,i plus the tanh term's g_pen·c·n·sech²
+        n_s = norms.index_select(0, s_cols)
+        dldf = kernels.gather_dot(g_dec, W_dec, s_rows, s_cols).to(z.dtype) + (g_pen * c) * n_s * (1 - t * t)
+        # The band below θ (closed gates, f = 0, sech² = 1) only enters θ's estimator as a per-latent sum:
+        # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows grouped by latent (cheaper than a dot per entry)
+        closed = band.clone().index_fill_(0, s, False).nonzero().squeeze(1)
+        c_cols = cols.index_select(0, closed)
+        order = kernels.argsort_keys(c_cols, d_sae)
+        g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, closed).index_select(0, order),
+                                 kernels.row_offsets(c_cols.index_select(0, order), d_sae),
+                                 torch.ones_like(c_cols, dtype=W_dec.dtype))  # [d_sae, d_out]
+        n_closed = torch.bincount(c_cols, minlength=d_sae).to(theta.dtype)
+        band_s = band.index_select(0, s)
+        band_sum = ((W_dec * g_band).sum(-1).to(theta.dtype) + (g_pen * c) * norms * n_closed).index_add_(
+            0, s_cols[band_s], dldf[band_s])
+        grad_theta = -(theta / ctx.eps) * band_sum + g_pre * norms * n_lt
+        dldf_open = dldf * (f > 0)  # ∂π from the reconstruction and tanh terms lives on the open gates
+        grad_b_enc = torch.zeros_like(theta).index_add_(0, s_cols, dldf_open) - g_pre * norms * n_lt
+        t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
+        w = (dldf_open + g_pre * n_s).index_select(0, t_s.order)
+        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, w)  # [d_sae, d_in]
+        grad_W_enc = torch.addr(bag.t(), x_sum.to(W_enc.dtype), norms, alpha=-g_pre)  # contiguous [d_in, d_sae]
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.has_b_dec and ctx.needs_input_grad[4] else None
+        grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f.index_select(0, t_s.order))
+        grad_norms = (g_pen * c) * torch.zeros_like(norms).index_add_(0, s_cols, (1 - t * t) * f) + g_pre * relu_sum
+        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_theta, grad_W_dec, grad_norms,
+                None, None, None)
+
+
 @register
 class JumpReLUSAE(SAE):
     """f = JumpReLU_θ(W_encᵀx + b_enc) = π·1[π > θ] (θ > 0 per latent),  x̂ = W_decᵀ f + b_dec.
@@ -101,8 +180,13 @@ class JumpReLUSAE(SAE):
         x = x.to(self.W_enc.dtype)
         y = self._target(x, target)
         cfg = self.cfg
-        pre = self._pre_acts_with_grad(x)  # [batch, d_sae]
+        pre, sae_in = self._encoder_pass(x)  # [batch, d_sae], [batch, d_in]; no autograd yet
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
+        if cfg.jumprelu_loss == "tanh":
+            flat_u = self._fused_entries(pre, theta.detach(), eps)
+            if flat_u is not None:
+                return self._fused_tanh_loss(x, y, pre, sae_in, theta, eps, flat_u, sparsity_scale)
+        pre = self._pre_acts_with_grad(x, (pre, sae_in))
         f = _JumpReLU.apply(pre, theta, eps)
         x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec
         if cfg.skip:
@@ -119,6 +203,31 @@ class JumpReLUSAE(SAE):
             parts["l0"] = cfg.l1_coefficient * sparsity_scale * l0
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    def _fused_entries(self, pre: Tensor, theta: Tensor, eps: float) -> Tensor | None:
+        """Flat indices of the pre-activations above θ − ε/2 when `_TanhStep` applies (eager CPU, float32/64,
+        no autocast, at most FUSED_MAX_DENSITY of them), else None. Reads a count on the host."""
+        if (not kernels.host_syncs_ok(pre) or torch.is_autocast_enabled("cpu")
+                or pre.dtype not in (torch.float32, torch.float64)):
+            return None
+        # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
+        flat_u = kernels.flat_nonzero(pre > theta - 0.5 * eps * (1 + 1e-4))
+        return flat_u if flat_u.numel() <= FUSED_MAX_DENSITY * pre.numel() else None
+
+    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
+                         flat_u: Tensor, sparsity_scale: float) -> TrainOutput:
+        cfg, n_rows = self.cfg, pre.shape[0]
+        b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
+        norms = self.W_dec.norm(dim=-1)
+        dec, pen_sum, pre_sum, fired, n_open = _TanhStep.apply(
+            pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, norms, cfg.jumprelu_tanh_scale, eps, flat_u)
+        x_hat = dec + self.b_dec
+        if cfg.skip:
+            x_hat = x_hat + self.skip_out(x)
+        parts = {"mse": self._mse(y, x_hat),
+                 "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
+                 "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
+        return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
 
     def _fold_extra_(self, scale: float) -> None:
         self.log_threshold.sub_(math.log(scale))

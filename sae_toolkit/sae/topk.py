@@ -59,7 +59,15 @@ class TopKSAE(SAE):
             pre = F.linear(sae_in, self.W_enc.t(), self.b_enc)  # [batch, d_sae], only to choose entries
         code = self._select(pre)
         t = transposed(code, self.cfg.d_sae)  # one column sort, shared by both sparse backwards
-        z = self._sparse_pre_acts(code, sae_in, t).relu()  # [nnz]
+        dead = self._dead_compact(pre, dead_mask)
+        if dead is None:
+            z = self._sparse_pre_acts(code, sae_in, t).relu()  # [nnz]
+        else:  # AuxK's dead block rides in the same kernels as the main entries (gradients added in place)
+            b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            z_pre = pre.index_select(1, dead)  # [batch, n_dead], no grad: the encoder ran once, for every latent
+            z, z_dead = kernels.sparse_pre_acts_with_block(code, sae_in, self.W_enc, self.b_enc, b_dec, t, dead,
+                                                           z_pre)
+            z = z.relu()
         main, t_main = code._replace(vals=z), t
         parts: dict[str, Tensor] = {}
         if self.cfg.multi_topk:
@@ -70,11 +78,19 @@ class TopKSAE(SAE):
             t_main = None
             x_hat_4k = sparse_decode(code._replace(vals=z), self.W_dec, t) + self.b_dec
             parts["mse_4k"] = self._mse(y, x_hat_4k if skip is None else x_hat_4k + skip) / 8
-        x_hat = sparse_decode(main, self.W_dec, t_main) + self.b_dec  # [batch, d_out]
+        if dead is None:
+            x_hat = sparse_decode(main, self.W_dec, t_main) + self.b_dec  # [batch, d_out]
+        else:
+            f_dead = self._auxk_keep(z_dead, z_pre)
+            x_hat, e_hat = kernels.sparse_decode_with_block(main, self.W_dec, t_main, dead, f_dead)
+            x_hat = x_hat + self.b_dec
         if skip is not None:
             x_hat = x_hat + skip
         parts["mse"] = self._mse(y, x_hat)
-        parts["auxk"] = self._auxk_loss(y, x_hat, sae_in, pre, dead_mask)
+        if dead is None:
+            parts["auxk"] = self._auxk_loss(y, x_hat, sae_in, pre, dead_mask)
+        else:
+            parts["auxk"] = self.cfg.aux_coefficient * self._mse((y - x_hat).detach(), e_hat)
         self._after_batch(main)
         active = (main.vals.detach() > 0).float()  # [nnz]
         # scatter-max instead of boolean indexing: no host sync on GPU
@@ -116,6 +132,25 @@ class TopKSAE(SAE):
         e_hat = sparse_decode(aux._replace(vals=z_aux), self.W_dec, t)  # [batch, d_in]
         return self.cfg.aux_coefficient * self._mse(e, e_hat) * dead_mask.any()
 
+    def _dead_compact(self, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        """[n_dead] ids of the dead latents when AuxK takes the compact path inside the main kernels (eager CPU, some
+        latent dead, AuxK on); None otherwise (no AuxK, or `_auxk_loss` decides)."""
+        if (dead_mask is None or self.cfg.aux_coefficient == 0 or not kernels.host_syncs_ok(pre)
+                or dead_mask.shape != (self.cfg.d_sae,)):
+            return None
+        dead = dead_mask.to(pre.device, torch.bool).nonzero().squeeze(1)
+        return dead if dead.numel() else None
+
+    def _auxk_keep(self, z: Tensor, z_pre: Tensor) -> Tensor:
+        """AuxK's latents on the dead block: ReLU(z) [batch, n_dead] kept at each token's top k_aux of z_pre (the
+        same values without grad, which choose the entries)."""
+        k_aux = min(self.cfg.k_aux, z_pre.shape[1])
+        f = z.relu()
+        if k_aux < z_pre.shape[1]:
+            idx = z_pre.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
+            f = f * torch.zeros_like(z_pre, dtype=torch.bool).scatter_(-1, idx, True)
+        return f
+
     def _auxk_decode_compact(self, sae_in: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
         """ê [batch, d_in] from the dead latents `dead` [n_dead] (global ids), dense on their columns only."""
         z_pre = pre.index_select(1, dead)  # [batch, n_dead], no grad: the encoder ran once, for every latent
@@ -123,12 +158,7 @@ class TopKSAE(SAE):
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         z = kernels.dense_pre_acts(z_pre, sae_in, kernels.select_distinct(self.W_enc, dead, 1),
                                    self.b_enc.index_select(0, dead), b_dec, adaptive=False)
-        k_aux = min(self.cfg.k_aux, dead.numel())
-        f = z.relu()  # [batch, n_dead]
-        if k_aux < dead.numel():
-            idx = z_pre.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux], chosen without grad
-            f = f * torch.zeros_like(z_pre, dtype=torch.bool).scatter_(-1, idx, True)
-        return f @ kernels.select_distinct(self.W_dec, dead, 0)
+        return self._auxk_keep(z, z_pre) @ kernels.select_distinct(self.W_dec, dead, 0)
 
     def _sparse_pre_acts(self, code: SparseActs, sae_in: Tensor, t: Transposed | None = None) -> Tensor:
         """[nnz] pre-activations at code's entries with the sparse backward (b_dec's gradient as one matvec)."""
