@@ -102,7 +102,10 @@ class MappedDataset:
         used = chunk_addr[chunk_addr >= 0]
         if int(used.max()) + chunk_bytes > size:
             return None, f"its storage runs past the end of the file ({size} bytes)"
-        m = cls(path, dset, chunk_rows, chunk_addr)
+        try:
+            m = cls(path, dset, chunk_rows, chunk_addr)
+        except (OSError, ValueError) as e:  # a file system without mmap, an address space too small
+            return None, f"the file cannot be memory-mapped ({e})"
         check = np.unique(np.linspace(lo, hi - 1, _N_CHECKED_ROWS).astype(np.int64))
         got = m.rows_view(1).index_select(0, torch.from_numpy(m.offsets(check))).numpy()
         if not np.array_equal(got, np.ascontiguousarray(dset[check.tolist()]).view(np.uint8).reshape(len(check), -1)):

@@ -378,7 +378,7 @@ class ActivationStore:
 
         Streaming reads the group's blocks; in memory, the source is the loaded array and only indices move,
         so an epoch never copies the whole array. Memory-mapped, the source is the list of maps (`_map_file`) and
-        the index `[n, maps]` holds each row's byte address in each map's `view`: nothing is read or copied.
+        the index `[n, maps]` holds each row's address in each map's rows view: nothing is read or copied here.
         """
         if self._memory is not None:
             source = self._memory
