@@ -16,6 +16,7 @@ The map is opened read-only: the file is never written.
 
 from __future__ import annotations
 
+import mmap
 import sys
 import warnings
 from collections.abc import Iterator
@@ -49,7 +50,9 @@ class MappedDataset:
         self.row_bytes = self.d * self.dtype.itemsize
         self.chunk_rows = int(chunk_rows)
         self._chunk_addr = chunk_addr.astype(np.int64)
-        self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the descriptor
+        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)  # read-only
         used = self._chunk_addr[self._chunk_addr >= 0]
         self.align = next(u for u in _UNITS if self.row_bytes % u == 0 and not (used % u).any())
         """The largest of 8, 4, 2, 1 bytes dividing the row size and every address: the widest `rows_view` unit."""
@@ -118,6 +121,16 @@ class MappedDataset:
         rows = np.asarray(rows, dtype=np.int64)
         chunk = rows // self.chunk_rows
         return self._chunk_addr[chunk] + (rows - chunk * self.chunk_rows) * self.row_bytes
+
+    def will_need(self, lo: int, hi: int) -> None:
+        """Ask the kernel to read rows `[lo, hi)` into the page cache in the background (if evicted): no copy, no
+        wait; the gathers then find them in memory."""
+        if not hasattr(self._mmap, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        for first, rows in self.pieces(lo, hi):
+            at = int(self.offsets(np.array(first)))
+            start = at - at % mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_WILLNEED, start, at + rows.nbytes - start)
 
     def pieces(self, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, rows `[n, d]` in the stored dtype) for each run of rows `[lo, hi)` contiguous in the file:

@@ -135,3 +135,18 @@ def test_held_batches_are_never_rewritten(tmp_path, dtype):
         for _ in range(40):
             store.next_batch()  # dropped right away: their arrays are reused
         assert all(torch.equal(a, b) for a, b in zip(held, kept, strict=True))
+
+
+def test_blocks_are_checked_once_then_only_paged_in(tmp_path, monkeypatch):
+    path = write_acts(tmp_path / "a.h5", {"hp": _acts()}, context_size=CTX, dtype="float16", chunk_rows=16)
+    checked, paged = [], []
+    monkeypatch.setattr(ActivationStore, "_check_finite", lambda self, rows, lo, name=None: checked.append(lo))
+    monkeypatch.setattr(MappedDataset, "will_need", lambda self, lo, hi: paged.append(lo))
+    with ActivationStore(path, "hp", **{**KW, "prefetch": 1, "normalize": False}) as store:  # no sample() reads
+        n_blocks = len(store._blocks)
+        for _ in range(3 * store.n_rows // store.batch_size):  # three passes
+            store.next_batch()
+        assert store._checked.all()
+    # one check per chunk piece of each block, the first pass only; later groups are only paged in
+    assert len(checked) == N_SEQS * CTX // 16 and sorted(set(checked)) == list(range(0, N_SEQS * CTX, 16))
+    assert len(paged) >= n_blocks
