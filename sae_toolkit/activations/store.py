@@ -170,11 +170,15 @@ class _CudaOps:
 class ActivationStore:
     """Endless shuffled batches `[batch, d_in]` float32 from `acts/<hookpoint>` of an activation file.
 
-    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy: streaming,
-    a reader thread reads the next shuffle groups into reused buffers while the prefetch thread gathers each batch's
-    rows from the current one straight into a batch buffer, then converts and scales it on the device. With CUDA, the
-    batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step.
-    On CPU the prefetch thread runs its torch ops single-threaded (beside the consumer's step; `_one_torch_thread`).
+    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy. Streaming a
+    plainly stored dataset (activations.mapped), the prefetch thread gathers each batch's rows straight from a
+    read-only memory map of the file into a batch buffer, while a reader thread checks the next shuffle groups for
+    non-finite values (paging them in); otherwise the reader thread reads the next groups through h5py into reused
+    buffers and the gathers come from those. The batch is then converted and scaled on the device: with CUDA, the
+    batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step;
+    on CPU a finisher thread converts batch n while batch n + 1 is gathered, into float32 arrays recycled once the
+    consumer dropped them (`_Recycled`). The CPU threads run their torch ops single-threaded (beside the consumer's
+    step; `_one_torch_thread`).
 
     How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
     of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
