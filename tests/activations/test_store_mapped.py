@@ -150,3 +150,17 @@ def test_blocks_are_checked_once_then_only_paged_in(tmp_path, monkeypatch):
     # one check per chunk piece of each block, the first pass only; later groups are only paged in
     assert len(checked) == N_SEQS * CTX // 16 and sorted(set(checked)) == list(range(0, N_SEQS * CTX, 16))
     assert len(paged) >= n_blocks
+
+
+def test_wrong_chunk_addresses_fall_back_instead_of_serving_wrong_rows(tmp_path, monkeypatch):
+    import sae_toolkit.activations.mapped as mapped
+
+    path = write_acts(tmp_path / "a.h5", {"hp": _acts()}, context_size=CTX, dtype="float16", chunk_rows=16)
+    want, _ = _batches(path, memory_map=False)
+    chunks = mapped._chunks
+    # an HDF5 library reporting addresses off by a row (e.g. without a user block): caught by the spot check
+    monkeypatch.setattr(mapped, "_chunks", lambda dset: ((f, a - D * 2, n) for f, a, n in chunks(dset)))
+    with h5py.File(path, "r") as f:
+        assert "differ from h5py" in MappedDataset.open(f["acts/hp"], path, (0, N_SEQS * CTX))[1]
+    got, was_mapped = _batches(path)
+    assert not was_mapped and torch.equal(got, want)
