@@ -4,6 +4,7 @@ Writes (once, reused) an fp16 activation file in the format of DESIGN.md §3, th
   h5py_sequential   raw `dset[lo:hi]` reads in file order, ~4 MiB at a time (the ceiling for streaming)
   store_stream      ActivationStore(in_memory=False).next_batch(): shuffled, BOS-free, normalized, on the device
   store_memory      ActivationStore(in_memory=True).next_batch()
+  store_stream_h5py (with --h5py-store) the streaming store with memory_map=False: h5py reads instead of the map
 and, with --train, the trainer's step (Trainer.train_one: train_step + dead-latent counters) fed
   step_only         one fixed batch already on the device (the step-only rate)
   step_streaming    the streaming store's next batch (what `sae-toolkit train` does with in_memory=False)
@@ -14,6 +15,7 @@ One JSON line per contender (median rows/s over rounds) and the ratios with thei
     python benchmarks/store_throughput.py --device cuda --train --d-sae 18432 --train-batch 4096
     python benchmarks/store_throughput.py --quick --train          # tiny: checks that it runs
     python benchmarks/store_throughput.py --profile                # + CPU time per batch of each store thread (Linux)
+    python benchmarks/store_throughput.py --batches-per-round 48 --h5py-store   # steady state, map vs h5py reads
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: only checks that it runs")
     p.add_argument("--profile", action="store_true",
                    help="also print the CPU time per batch of the raw read and of each streaming-store thread")
+    p.add_argument("--h5py-store", action="store_true",
+                   help="also time the streaming store reading through h5py (memory_map=False)")
     args = p.parse_args(argv)
     if args.quick:
         args.d, args.batch, args.seqs, args.rounds, args.batches_per_round = 32, 256, 64, 3, 2
@@ -110,9 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             left -= hi - lo
             raw_pos[0] = 0 if hi == dset.shape[0] else hi
 
+    kinds = [("store_stream", False, True), ("store_memory", True, True)]
+    if args.h5py_store:
+        kinds.append(("store_stream_h5py", False, False))
     stores = {name: ActivationStore(path, "hp", batch_size=args.batch, device=device, normalize=True,
-                                    in_memory=mem, prefetch=4)
-              for name, mem in (("store_stream", False), ("store_memory", True))}
+                                    in_memory=mem, prefetch=4, memory_map=mapped)
+              for name, mem, mapped in kinds}
 
     def drain(store: ActivationStore):
         def run() -> None:
@@ -128,7 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         emit({"bench": "store", "contender": name, **common, "rows_per_s": r})
     emit({"bench": "store_ratio", "ratio": "store_stream/h5py_sequential",
           "value": rates["store_stream"] / rates["h5py_sequential"], "target": 0.5,
-          "met": rates["store_stream"] / rates["h5py_sequential"] >= 0.5})
+          "met": rates["store_stream"] / rates["h5py_sequential"] >= 0.5,
+          "memory_mapped": stores["store_stream"].memory_mapped})
+    if args.h5py_store:
+        emit({"bench": "store_ratio", "ratio": "store_stream_h5py/h5py_sequential",
+              "value": rates["store_stream_h5py"] / rates["h5py_sequential"]})
     if args.profile:
         _profile(h5py_sequential, drain(stores["store_stream"]), args.batches_per_round, common)
     for s in stores.values():

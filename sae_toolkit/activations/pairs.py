@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import h5py
 import numpy as np
 import torch
 
@@ -122,15 +123,17 @@ class PairedActivationStore(ActivationStore):
             at += hi - lo
         return buf, np.concatenate(positions)
 
+    def _streamed(self) -> list[tuple[h5py.Dataset, str]]:
+        """Input then target: a batch row holds both, side by side."""
+        return [(self._dset, self.hookpoint), (self._target_dset, self.target)]
+
     def _host_buffer(self, pin: bool = False) -> torch.Tensor:
         """An empty [batch, d_in + d_out] host tensor in the stored dtype."""
         dtype = torch.bfloat16 if self.dtype == "bfloat16" else getattr(torch, self._dset.dtype.name)
         return torch.empty(self.batch_size, self.d_in + self.d_out, dtype=dtype, pin_memory=pin)
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        """A fresh stored-dtype [batch, d_in + d_out] → float32, each side scaled by its own factor (a float32 `x`
-        in place, as ActivationStore._finish)."""
-        x = x.to(torch.float32)
+    def _scale_(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 [batch, d_in + d_out] nobody else holds, each side scaled by its own factor in place."""
         return x if self.scale == 1.0 and self.target_scale == 1.0 else x.mul_(self._factors().to(x.device))
 
     def _factors(self) -> torch.Tensor:

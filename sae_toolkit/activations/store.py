@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import h5py
 import numpy as np
 import torch
 
@@ -39,6 +41,7 @@ from sae_toolkit.activations.format import (
 from sae_toolkit.activations.format import (
     to_float32 as _to_float32,  # noqa: F401 (re-exported: the reader imports it from here)
 )
+from sae_toolkit.activations.mapped import MappedDataset
 from sae_toolkit.activations.outliers import outlier_positions
 from sae_toolkit.errors import SAEToolkitError
 
@@ -58,6 +61,13 @@ _READ_AHEAD = 2
 overlaps the gathers and conversions of the previous groups' batches instead of stalling them."""
 _N_BUFFERS = _READ_AHEAD + 1
 """Reusable group buffers: the group being gathered plus the ones read ahead."""
+_HOST_RING = 3
+"""Stored-dtype batch buffers of the host path: one being gathered, the others waiting for or in conversion."""
+_Maps = list[tuple[MappedDataset, str, slice, torch.Tensor]]
+"""Each streamed dataset's map, hookpoint name, the columns of a batch row its rows fill and the rows view they are
+gathered from (both in elements of `ActivationStore._unit` bytes)."""
+_Source = np.ndarray | _Maps
+"""Where a group's rows are gathered from: an array (a read buffer, or the in-memory rows) or the file's maps."""
 
 
 def available_ram() -> int | None:
@@ -94,6 +104,40 @@ def _torch_rows(rows: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+class _Recycled:
+    """Host float32 arrays for batches handed to a consumer, each reused once the consumer dropped every tensor
+    that shares its memory (views included): a new batch then writes to pages already mapped instead of fresh ones,
+    whose page faults (and zeroing) cost about as much as the conversion itself.
+
+    A batch's tensor comes from `torch.from_numpy`, whose storage holds a reference to the array: the array's
+    reference count falls back to the pool's own exactly when no tensor uses it any more.
+    """
+
+    def __init__(self, shape: tuple[int, int], cap: int):
+        """shape: [batch, width] of every array; cap: arrays kept for reuse (more in use: fresh ones)."""
+        self.shape, self.cap = shape, cap
+        self._arrays: list[np.ndarray] = []
+
+    def take(self) -> torch.Tensor:
+        """A float32 tensor of `shape` (contents undefined) that no one else holds."""
+        for a in self._arrays:
+            if sys.getrefcount(a) <= _POOL_REFS:
+                return torch.from_numpy(a)
+        a = np.empty(self.shape, dtype=np.float32)
+        if len(self._arrays) < self.cap:
+            self._arrays.append(a)
+        return torch.from_numpy(a)
+
+
+_POOL_REFS = 3
+"""sys.getrefcount of an array of `_Recycled._arrays` that no tensor holds: the list, the loop variable and
+getrefcount's own argument."""
+
+
+class _Stopped(Exception):
+    """The consumer stopped the stream while the host path waited for a buffer."""
+
+
 class _CudaOps:
     """The CUDA calls of the store's side-stream path, in one place so that CPU tests can stand in for them."""
 
@@ -126,11 +170,15 @@ class _CudaOps:
 class ActivationStore:
     """Endless shuffled batches `[batch, d_in]` float32 from `acts/<hookpoint>` of an activation file.
 
-    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy: streaming,
-    a reader thread reads the next shuffle groups into reused buffers while the prefetch thread gathers each batch's
-    rows from the current one straight into a batch buffer, then converts and scales it on the device. With CUDA, the
-    batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step.
-    On CPU the prefetch thread runs its torch ops single-threaded (beside the consumer's step; `_one_torch_thread`).
+    Rows stay in the file's dtype (float16/bfloat16: half the bytes of float32) through every host copy. Streaming a
+    plainly stored dataset (activations.mapped), the prefetch thread gathers each batch's rows straight from a
+    read-only memory map of the file into a batch buffer, while a reader thread checks the next shuffle groups for
+    non-finite values (paging them in); otherwise the reader thread reads the next groups through h5py into reused
+    buffers and the gathers come from those. The batch is then converted and scaled on the device: with CUDA, the
+    batch buffers are a ring of pinned host buffers copied on a side stream, so the copy overlaps the training step;
+    on CPU a finisher thread converts batch n while batch n + 1 is gathered, into float32 arrays recycled once the
+    consumer dropped them (`_Recycled`). The CPU threads run their torch ops single-threaded (beside the consumer's
+    step; `_one_torch_thread`).
 
     How rows are ordered (the *stream*): the data rows `[seq_start*ctx, seq_stop*ctx)` are cut into blocks
     of whole HDF5 chunks. Each epoch permutes the blocks, groups them `buffer_blocks` at a time, and shuffles
@@ -167,6 +215,7 @@ class ActivationStore:
         norm_sample: int = 8192,
         outlier_multiple: float | None = None,
         exclude_first_positions: int = 0,
+        memory_map: bool = True,
     ):
         """
         path: the HDF5 activation file. hookpoint: name under `acts/` (as given to the cacher).
@@ -180,6 +229,9 @@ class ActivationStore:
         prefetch: batches prepared ahead by the background thread. norm_sample: rows used to estimate `scale`.
         outlier_multiple, exclude_first_positions: also drop massive-activation positions
         (activations.outliers.outlier_positions; `excluded_positions` says which, `n_outlier_rows` how many rows).
+        memory_map: streaming, gather rows straight from a read-only memory map of the file when the dataset is
+        stored plainly (no compression or filters, whole-row chunks; see activations.mapped); otherwise, or with
+        False, read each shuffle group through h5py. The batches are the same either way.
         """
         self._outliers = (outlier_multiple, int(exclude_first_positions))
         self.path = Path(path)
@@ -190,10 +242,12 @@ class ActivationStore:
         self.prefetch = max(1, int(prefetch))
         if self.batch_size <= 0:
             raise SAEToolkitError(f"batch_size={batch_size} must be positive")
+        self._maps: _Maps | None = None
         self._file = open_acts(self.path)
         try:
             self._open(hookpoint, seq_range, exclude_bos, block_rows)
             self._prepare(in_memory, buffer_blocks, normalize, norm_sample)
+            self._maps = self._map_file() if memory_map and not self.in_memory else None
         except BaseException:
             self._file.close()
             raise
@@ -323,20 +377,65 @@ class ActivationStore:
         order = rng.permutation(len(self._blocks))
         return [order[i:i + self.buffer_blocks] for i in range(0, len(order), self.buffer_blocks)]
 
-    def _group(self, epoch: int, g: int, group: np.ndarray, buffer: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def _group(self, epoch: int, g: int, group: np.ndarray, buffer: int = 0) -> tuple[_Source, np.ndarray]:
         """One shuffle group as `(source [m, d_in], index [n])`: its rows in stream order are `source[index]`.
 
         Streaming reads the group's blocks; in memory, the source is the loaded array and only indices move,
-        so an epoch never copies the whole array.
+        so an epoch never copies the whole array. Memory-mapped, the source is the list of maps (`_map_file`) and
+        the index `[n, maps]` holds each row's address in each map's rows view: nothing is read or copied here.
         """
         if self._memory is not None:
             source = self._memory
             index = np.concatenate([np.arange(self._block_first[b], self._block_first[b] + self._block_counts[b])
                                     for b in group])
+        elif self._maps is not None:
+            rows = self._map_group(group)
+            rows = rows[np.random.default_rng([self.seed, epoch, g]).permutation(len(rows))]
+            return self._maps, np.stack([m.offsets(rows) // self._unit for m, *_ in self._maps], axis=1)
         else:
             source, index = self._read_group(group, buffer)
         perm = np.random.default_rng([self.seed, epoch, g]).permutation(len(index))
         return source, index[perm]
+
+    def _map_file(self) -> _Maps | None:
+        """A map of each streamed dataset (see `_Maps`); None (read through h5py instead) when one of them cannot be
+        mapped. Rows are gathered in the widest element that divides every address and column edge."""
+        maps, edges = [], [0]
+        for dset, name in self._streamed():
+            m, why = MappedDataset.open(dset, self.path, (self._row_start, self._row_stop))
+            if m is None:
+                log.info("acts/%s: streaming through h5py reads, not a memory map: %s", name, why)
+                return None
+            maps.append((m, name))
+            edges.append(edges[-1] + m.row_bytes)
+        self._unit = next(u for u in (8, 4, 2, 1) if all(m.align % u == 0 for m, _ in maps)
+                          and all(e % u == 0 for e in edges))
+        self._checked = np.zeros(len(self._blocks), dtype=bool)  # blocks known finite (see _map_group)
+        return [(m, name, slice(lo // self._unit, hi // self._unit), m.rows_view(self._unit))
+                for (m, name), lo, hi in zip(maps, edges[:-1], edges[1:])]
+
+    def _streamed(self) -> list[tuple[h5py.Dataset, str]]:
+        """The datasets whose rows a batch holds, side by side, with their hookpoint names."""
+        return [(self._dset, self.hookpoint)]
+
+    def _map_group(self, group: np.ndarray) -> np.ndarray:
+        """The file rows of the group's usable rows, in block order, once every row of its blocks is known finite.
+
+        A block is checked the first time it comes up (reading each page: they are in memory when the batches gather
+        them); the file is mapped read-only and does not change, so later passes only ask the kernel to bring the
+        pages back in should they have been evicted (`MappedDataset.will_need`), without reading them here."""
+        positions = []
+        for b in group:
+            lo, hi = self._blocks[b]
+            for m, name, *_ in self._maps:
+                if self._checked[b]:
+                    m.will_need(lo, hi)
+                    continue
+                for first, rows in m.pieces(lo, hi):
+                    self._check_finite(rows, first, name)
+            self._checked[b] = True
+            positions.append(lo + np.flatnonzero(self._keep[lo - self._row_start:hi - self._row_start]))
+        return np.concatenate(positions)
 
     def _read_group(self, group: np.ndarray, buffer: int) -> tuple[np.ndarray, np.ndarray]:
         """Read the group's blocks straight into reusable buffer `buffer` (h5py read_direct: no intermediate array,
@@ -370,7 +469,7 @@ class ActivationStore:
             epoch += 1
 
     def _row_stream(self, rows_done: int, reader: ThreadPoolExecutor | None = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    ) -> Iterator[tuple[_Source, np.ndarray]]:
         """Consecutive `(source, index)` pieces of the stream (rows `source[index]`), starting `rows_done` rows in.
 
         The caller must be done with a piece (its rows gathered) before it asks for the next one: streaming groups
@@ -407,12 +506,22 @@ class ActivationStore:
         must be done with a yielded buffer before it asks for the next batch."""
         out, at = None, 0
         for source, index in self._row_stream(rows_done, reader):
-            src, idx, i = _torch_rows(source, self.dtype), torch.from_numpy(index.astype(np.int64, copy=False)), 0
-            while i < len(idx):
+            if isinstance(source, np.ndarray):  # rows source[index]
+                parts = [(_torch_rows(source, self.dtype), torch.from_numpy(index.astype(np.int64, copy=False)), None)]
+            else:  # mapped: each dataset's rows index[:, j] of its rows view, into its columns (in _unit elements)
+                # [n, 1, width] views: torch's gather from a non-contiguous 3-d source copies whole rows (measured
+                # ~30 % faster than from the same view as [n, width])
+                parts = [(view.unsqueeze(1), torch.from_numpy(np.ascontiguousarray(index[:, j])), cols)
+                         for j, (_, _, cols, view) in enumerate(source)]
+            i = 0
+            while i < len(index):
                 if out is None:
                     out, at = new_buffer(), 0
-                take = min(self.batch_size - at, len(idx) - i)
-                torch.index_select(src, 0, idx[i:i + take], out=out[at:at + take])
+                    out_units = out if self._maps is None else out.view(self._maps[0][3].dtype)
+                take = min(self.batch_size - at, len(index) - i)
+                for src, idx, cols in parts:
+                    dst = out[at:at + take] if cols is None else out_units[at:at + take, cols].unsqueeze(1)
+                    torch.index_select(src, 0, idx[i:i + take], out=dst)
                 at, i = at + take, i + take
                 if at == self.batch_size:
                     yield out
@@ -421,7 +530,10 @@ class ActivationStore:
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """A fresh stored-dtype batch → float32 scaled by `scale`, on x's device (CUDA: a kernel on the side stream).
         A float32 `x` is scaled in place: the callers hand over a tensor nobody else holds."""
-        x = x.to(torch.float32)
+        return self._scale_(x.to(torch.float32))
+
+    def _scale_(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 batch nobody else holds, scaled by `scale` in place."""
         return x.mul_(self.scale) if self.scale != 1.0 else x
 
     @contextlib.contextmanager
@@ -454,12 +566,12 @@ class ActivationStore:
         try:
             if ops is None:
                 _one_torch_thread()
-            with self._reader() as reader:
+            with self._reader() as reader, self._finisher(ops is None) as finisher:
                 set_up.set()
                 if ops is not None:
                     self._produce_cuda(rows_done, put, reader, ops)
                 else:
-                    self._produce_host(rows_done, put, reader)
+                    self._produce_host(rows_done, put, reader, finisher)
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
             put(e)
         finally:
@@ -470,15 +582,62 @@ class ActivationStore:
         dtype = torch.bfloat16 if self.dtype == "bfloat16" else getattr(torch, self._dset.dtype.name)
         return torch.empty(self.batch_size, self.d_in, dtype=dtype, pin_memory=pin)
 
-    def _produce_host(self, rows_done: int, put: Callable[[object], bool], reader: ThreadPoolExecutor | None) -> None:
-        """Gather each batch into one reused stored-dtype buffer and convert it to a new float32 tensor. A float32
-        file's batch is gathered into a new tensor instead: it is handed out as it is (scaled in place)."""
-        buf = self._host_buffer()
-        new_buffer = self._host_buffer if buf.dtype == torch.float32 else (lambda: buf)
-        with contextlib.closing(self._batches(rows_done, new_buffer, reader)) as batches:
-            for raw in batches:
-                if not put((self._finish(raw).to(self.device), None)):
-                    return
+    @contextlib.contextmanager
+    def _finisher(self, host: bool) -> Iterator[ThreadPoolExecutor | None]:
+        """The host path's second thread (None for CUDA): it converts and scales each gathered batch while the
+        prefetch thread gathers the next one, so the two halves of a batch's CPU work run on two cores. Started and
+        made single-threaded here, before `next_batch` puts torch's default thread count back."""
+        if not host:
+            yield None
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ActivationStore-finish")
+        try:
+            pool.submit(_one_torch_thread).result()
+            yield pool
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _produce_host(self, rows_done: int, put: Callable[[object], bool], reader: ThreadPoolExecutor | None,
+                      finisher: ThreadPoolExecutor) -> None:
+        """Gather each batch into one of _HOST_RING reused stored-dtype buffers; the finisher converts it to a new
+        float32 tensor and hands it out (in order: one finisher thread). A buffer is refilled only once its previous
+        batch was converted. A float32 file's batch is gathered into a new tensor instead: it is handed out as it is
+        (scaled in place)."""
+        fresh = self._host_buffer().dtype == torch.float32
+        ring = [] if fresh else [self._host_buffer() for _ in range(_HOST_RING)]
+        done: deque[Future] = deque()  # the finisher's jobs not yet waited for, oldest first
+        turn = [0]
+        # the float32 batches handed out: recycled once the consumer dropped them (no page faults per batch)
+        outputs = _Recycled((self.batch_size, self._host_buffer().shape[1]), self.prefetch + _HOST_RING + 2)
+
+        def finish(raw: torch.Tensor) -> bool:
+            x = self._scale_(raw if fresh else outputs.take().copy_(raw))
+            return put((x.to(self.device), None))
+
+        def new_buffer() -> torch.Tensor:
+            if fresh:
+                return outputs.take()
+            while len(done) >= _HOST_RING:  # the buffer about to be refilled is the oldest job's
+                if not done.popleft().result():  # (re-raises the finisher's error here)
+                    raise _Stopped
+            return ring[turn[0] % _HOST_RING]
+
+        try:
+            with contextlib.closing(self._batches(rows_done, new_buffer, reader)) as batches:
+                for raw in batches:
+                    done.append(finisher.submit(finish, raw))
+                    turn[0] += 1
+                    while done and done[0].done():
+                        if not done.popleft().result():
+                            return
+        except _Stopped:
+            return
+        except BaseException:
+            # the batches gathered before the error reach the consumer before it does, as they would without a
+            # finisher (a read error or a non-finite row comes after the batches of the rows before it)
+            while done:
+                done.popleft().result()
+            raise
 
     def _produce_cuda(self, rows_done: int, put: Callable[[object], bool], reader: ThreadPoolExecutor | None,
                       ops: _CudaOps) -> None:
@@ -596,9 +755,15 @@ class ActivationStore:
             self._queue = None
 
     def close(self) -> None:
-        """Stop the prefetch thread and close the file."""
+        """Stop the prefetch thread and close the file (and its map)."""
         self._stop_prefetch()
+        self._maps = None
         self._file.close()
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether streaming gathers rows from a memory map of the file (see `memory_map`) rather than h5py reads."""
+        return self._maps is not None
 
     def __enter__(self) -> ActivationStore:
         return self

@@ -1,4 +1,5 @@
-"""ActivationStore parity: the exact rows, order and values of the stream, against an independent reference.
+"""ActivationStore parity: the exact rows, order and values of the stream, against an independent reference, for
+every way the store gathers rows (memory-mapped, h5py reads, in memory).
 
 The reference below re-derives the stream from its definition (ActivationStore's docstring): blocks on a global
 grid of `block_rows`, each epoch a seeded block permutation cut into groups of `buffer_blocks`, each group's usable
@@ -58,13 +59,14 @@ def _stored_as_float32(acts: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize(("in_memory", "memory_map"), [(False, True), (False, False), (True, True)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_stream_rows_order_and_values_match_the_reference(tmp_path, dtype, in_memory, normalize):
+def test_stream_rows_order_and_values_match_the_reference(tmp_path, dtype, in_memory, memory_map, normalize):
     path, acts = _file(tmp_path, dtype)
     seq_range = (3, 21)  # starts and ends mid-block: clipped first and last blocks
     kw = dict(batch_size=40, seed=11, block_rows=32, buffer_blocks=2, seq_range=seq_range)
-    with ActivationStore(path, "hp", in_memory=in_memory, normalize=normalize, **kw) as store:
+    with ActivationStore(path, "hp", in_memory=in_memory, normalize=normalize, memory_map=memory_map, **kw) as store:
+        assert store.memory_mapped == (memory_map and not in_memory)  # streaming: from the map, or h5py reads
         batches = [store.next_batch() for _ in range(25)]  # > 3 passes over 270 usable rows
         scale, group = store.scale, store.buffer_blocks
     keep = np.arange(seq_range[0] * CTX, seq_range[1] * CTX) % CTX != 0
@@ -96,8 +98,9 @@ def test_paired_store_follows_the_same_stream(tmp_path):
     path, acts = _file(tmp_path, "float16", extra={"target": ids + 0.5})
     kw = dict(batch_size=40, seed=2, block_rows=32, buffer_blocks=2, normalize=True)
     keep = np.arange(N_SEQS * CTX) % CTX != 0
-    for in_memory in (False, True):
-        with PairedActivationStore(path, "hp", "target", in_memory=in_memory, **kw) as s:
+    for in_memory, memory_map in ((False, True), (False, False), (True, True)):
+        with PairedActivationStore(path, "hp", "target", in_memory=in_memory, memory_map=memory_map, **kw) as s:
+            assert s.memory_mapped == (memory_map and not in_memory)
             pairs = [s.next_batch() for _ in range(20)]
             scale, target_scale, group = s.scale, s.target_scale, s.buffer_blocks
         want = torch.from_numpy(reference_rows(keep, 0, block_rows=32, buffer_blocks=group, seed=2, n=800))
@@ -110,12 +113,13 @@ def test_paired_store_follows_the_same_stream(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_finite_maxima_pass_and_the_bad_row_is_named_in_every_block(tmp_path, dtype):
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_finite_maxima_pass_and_the_bad_row_is_named_in_every_block(tmp_path, dtype, memory_map):
     big = {"float16": 65504.0, "bfloat16": 3.3e38, "float32": 3.4e38}[dtype]
     acts = np.full((N_SEQS * CTX, D), big, dtype=np.float32)  # sums overflow, yet every value is finite
     acts[::2] *= -1
     path = write_acts(tmp_path / "big.h5", {"hp": acts}, context_size=CTX, dtype=dtype, chunk_rows=16)
-    with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1), block_rows=32) as store:
+    with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1), block_rows=32, memory_map=memory_map) as store:
         assert torch.isfinite(store.next_batch()).all()
     for bad_row in (1, 33, N_SEQS * CTX - 1):
         acts2 = acts.copy()
@@ -123,16 +127,19 @@ def test_finite_maxima_pass_and_the_bad_row_is_named_in_every_block(tmp_path, dt
         path = write_acts(tmp_path / f"bad{bad_row}.h5", {"hp": acts2}, context_size=CTX, dtype=dtype,
                           chunk_rows=16)
         seq, pos = divmod(bad_row, CTX)
-        with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1), block_rows=32) as store:
+        with ActivationStore(path, "hp", batch_size=N_SEQS * (CTX - 1), block_rows=32,
+                              memory_map=memory_map) as store:
             with pytest.raises(SAEToolkitError, match=rf"row {bad_row} \(sequence {seq}, position {pos}\)"):
                 store.next_batch()
 
 
-def test_batches_spanning_many_groups_keep_their_rows(tmp_path):
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_batches_spanning_many_groups_keep_their_rows(tmp_path, memory_map):
     """With most positions excluded, a group holds fewer usable rows than a batch: a batch then gathers from many
     groups, and no group's buffer may be refilled before its rows are in the batch."""
     path, acts = _file(tmp_path, "float16")
-    kw = dict(batch_size=8, seed=4, block_rows=32, buffer_blocks=1, exclude_first_positions=CTX - 1)
+    kw = dict(batch_size=8, seed=4, block_rows=32, buffer_blocks=1, exclude_first_positions=CTX - 1,
+              memory_map=memory_map)
     with ActivationStore(path, "hp", **kw) as store:
         assert store.n_rows == N_SEQS and store.buffer_blocks == 1  # 2 usable rows per group: 4 groups a batch
         got = torch.cat([store.next_batch() for _ in range(12)])[:, 0].long()

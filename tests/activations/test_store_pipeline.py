@@ -104,9 +104,10 @@ def test_cpu_prefetch_thread_runs_torch_single_threaded_and_leaves_the_default(t
         store = ActivationStore(path, "hp", batch_size=24, block_rows=32)
         produce = store._produce_host
 
-        def spy(rows_done, put, reader):
+        def spy(rows_done, put, reader, finisher):
             seen["prefetch"] = torch.get_num_threads()
-            return produce(rows_done, put, reader)
+            seen["finisher"] = finisher.submit(torch.get_num_threads).result()
+            return produce(rows_done, put, reader, finisher)
 
         store._produce_host = spy
         with store:
@@ -115,7 +116,7 @@ def test_cpu_prefetch_thread_runs_torch_single_threaded_and_leaves_the_default(t
             t = threading.Thread(target=lambda: fresh.setdefault("n", torch.get_num_threads()))
             t.start()
             t.join()
-            assert seen == {"prefetch": 1}
+            assert seen == {"prefetch": 1, "finisher": 1}
             assert torch.get_num_threads() == 2 and fresh["n"] == 2  # the caller's and later threads' default
     finally:
         torch.set_num_threads(before)
@@ -131,7 +132,8 @@ def test_close_and_resume_mid_stream_stop_every_thread(tmp_path):
     assert not _store_threads()
     with ActivationStore(path, "hp", **kw) as a:
         first = [a.next_batch() for _ in range(5)]
-        assert len(_store_threads()) == 2  # the prefetch thread and its reader
+        assert sorted(t.split("_")[0] for t in _store_threads()) == [  # the prefetch thread, its reader, finisher
+            "ActivationStore-finish", "ActivationStore-prefetch", "ActivationStore-read"]
         state = a.state_dict()
         a.load_state_dict(state)  # restarts the stream: the old threads are joined first
         assert len(_store_threads()) == 0
