@@ -112,8 +112,9 @@ class TrainConfig:
     multi_topk: bool = False
     """topk: add the Multi-TopK loss L(4k)/8."""
     topk_start_fraction: float = 0.5
-    """batchtopk, matryoshka: share of training (at the start) that selects the top k per token, as TopK, before
-    the batch-wide selection takes over (see BatchTopKSAE.per_token_selection)."""
+    """batchtopk, matryoshka: share of training (at the start) over which the selection moves linearly from the top
+    k per token, as TopK, to the batch-wide top k·batch (BatchTopKSAE.per_token_share); 0: batch-wide from the
+    first step."""
     threshold_calibration_rows: int = 65536
     """batchtopk, matryoshka: training rows on which the saved SAE's inference threshold θ is set from the final
     weights, so that it keeps k latents per token on average (BatchTopKSAE.calibrate_threshold_). 0: keep the

@@ -53,6 +53,19 @@ def sparsity_scale_at(step: int, total_steps: int, warmup_fraction: float) -> fl
     return min(1.0, (step + 1) / warmup_steps)
 
 
+def per_token_share_at(step: int, total_steps: int, start_fraction: float) -> float:
+    """BatchTopK family: the per-token share s of the selection at `step` (BatchTopKSAE.per_token_share), 1 (per-token
+    TopK) at step 0 falling linearly to 0 (BatchTopK) at `start_fraction` of the steps, 0 after.
+
+    >>> [per_token_share_at(s, 10, 0.4) for s in range(6)]
+    [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    """
+    ramp_steps = int(round(start_fraction * total_steps))
+    if ramp_steps <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step / ramp_steps)
+
+
 # Factor on Gao et al.'s rate per architecture. Gao et al.'s 2e-4 was fitted to runs of billions of tokens; at the
 # budgets this toolkit is used with (10⁵-10⁸ tokens) it is far from converged: SmolLM2 mlp_out.9, k 32, 4608
 # latents, 500k tokens gave held-out EV 0.857 at ×1, 0.886 at ×3, 0.896 at ×6, where sparsify's TopK with its

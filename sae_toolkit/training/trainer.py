@@ -40,7 +40,13 @@ from sae_toolkit.training.checkpoint import (
 from sae_toolkit.training.config import RESUMABLE_CHANGES, TrainConfig
 from sae_toolkit.training.divergence import NonFiniteGuard
 from sae_toolkit.training.memory import check_fits
-from sae_toolkit.training.schedules import default_lr, default_warmup_steps, lr_at, sparsity_scale_at
+from sae_toolkit.training.schedules import (
+    default_lr,
+    default_warmup_steps,
+    lr_at,
+    per_token_share_at,
+    sparsity_scale_at,
+)
 from sae_toolkit.training.sparsity import L0Controller, controller_gain
 from sae_toolkit.units import resolve_device
 
@@ -299,8 +305,8 @@ class Trainer:
         if self.cfg.compile and not isinstance(sparsity_scale, torch.Tensor):
             # a tensor, or every new float value would recompile the graph
             sparsity_scale = torch.tensor(sparsity_scale, device=self.device)
-        if hasattr(self.sae, "per_token_selection"):  # BatchTopK family: per-token TopK start
-            self.sae.per_token_selection = self.step < round(self.cfg.topk_start_fraction * self.total_steps)
+        if hasattr(self.sae, "per_token_share"):  # BatchTopK family: from per-token TopK to BatchTopK
+            self.sae.per_token_share = per_token_share_at(self.step, self.total_steps, self.cfg.topk_start_fraction)
         out = train_step(
             self.sae, self.opt, x,
             lr=lr_at(self.step, self.total_steps, self.lr, warmup_steps=self.warmup_steps,

@@ -86,3 +86,20 @@ def test_train_compile_flag_runs_the_compiled_step(tmp_path, monkeypatch):
     assert [r["step"] for r in eager] == [r["step"] for r in rows]
     for a, b in zip(rows, eager):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+def test_batchtopk_ramp_compiles_once_for_every_share():
+    """The per-token → batch-wide ramp moves `per_token_share` every step; it is a tensor, so the compiled loss
+    keeps one graph for the whole ramp (a Python float would recompile at every new value)."""
+    sae = randomized("batchtopk", seed=5, dtype="float32").train()
+    sae.per_token_share = 0.75
+    compiled = torch.compile(sae.training_loss, fullgraph=True, dynamic=False, backend="aot_eager")
+    x = torch.randn(16, sae.cfg.d_in)
+    compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for share in (0.5, 0.1):
+            sae.per_token_share = share
+            got = compiled(x)
+            want = sae.training_loss(x)
+            torch.testing.assert_close(got.parts["mse"], want.parts["mse"])
+            torch.testing.assert_close(got.x_hat, want.x_hat)
