@@ -133,6 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         target_l0=args.target_l0,
         decoder_norm_penalty=args.decoder_norm_penalty,
         jumprelu_loss=args.jumprelu_loss,
+        gated_loss=args.gated_loss,
         matryoshka_groups=args.matryoshka_groups,
         outlier_multiple=args.outlier_multiple,
         exclude_first_positions=args.exclude_first_positions,
@@ -359,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relu: Anthropic's April-2024 variant (penalty f·‖W_dec‖, no b_dec before encoding, clip 1)")
     t.add_argument("--jumprelu-loss", choices=["tanh", "step"], default="tanh",
                    help="jumprelu: Anthropic 2025 tanh penalty (default) or the L0 step-function estimator")
+    t.add_argument("--gated-loss", choices=["tanh", "l1"], default="tanh",
+                   help="gated: the JumpReLU tanh recipe on the gate (default) or the paper's L1 + auxiliary loss")
     t.add_argument("--matryoshka-groups", type=_int_list, default=None,
                    help="matryoshka: nested group sizes summing to d_sae, e.g. 256,256,512,1024,2048")
     t.add_argument("--lr", type=float, default=None, help="default: 2e-4 * sqrt(2**14 / d_sae)")

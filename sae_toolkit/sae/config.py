@@ -22,6 +22,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # largest that still recover ≥ 0.95 of its directions (see tests/training/test_toy_quality.py); jumprelu's 0.2
 # (tanh penalty) is the best of 0.2, 0.5, 1 there (MMCS 0.90, short of 0.95).
 _DEFAULT_L1 = {"relu": 2.0, "gated": 4.0, "jumprelu": 0.2}
+# gated with its default tanh loss: 0.5 (issue-11 toy MMCS 0.948 at 1M tokens, 0.982 on the CI copy; at 0.2 the
+# toy's gates stayed too open: L0 10.8 against 3, MMCS 0.881)
+_DEFAULT_GATED_TANH = 0.5
 
 
 @dataclass
@@ -67,8 +70,9 @@ class SAEConfig:
     """sae-toolkit version that wrote the SAE."""
 
     l1_coefficient: float | None = None
-    """Sparsity coefficient λ: of the L1 penalty for relu and gated, of the L0 penalty for jumprelu.
-    None picks the architecture default (relu 5, gated 5, jumprelu 1, for mean norm √d_in). Unused by topk."""
+    """Sparsity coefficient λ: of the L1 penalty for relu (and gated with gated_loss="l1"), of the tanh/L0 penalty
+    for jumprelu and gated. None picks the architecture default (for mean norm √d_in: relu 2, gated 0.5 with the
+    tanh loss and 4 with l1, jumprelu 0.2). Unused by topk."""
 
     decoder_norm_penalty: bool = False
     """relu only: the April-2024 variant, penalty λ Σ fᵢ‖W_dec,i‖ and no unit-norm constraint on decoder rows."""
@@ -100,6 +104,12 @@ class SAEConfig:
     pre-activation term λ_P Σᵢ ReLU(θᵢ − πᵢ)‖W_dec,i‖; step: the L0 of Rajamanoharan et al. 2024 through the
     step function's straight-through estimator (its penalty bites only after very long training)."""
 
+    gated_loss: Literal["tanh", "l1"] = "tanh"
+    """gated training loss. tanh: the JumpReLU tanh recipe on the gate (a Gated SAE is a JumpReLU with per-latent
+    thresholds; uses jumprelu_tanh_scale, jumprelu_bandwidth, jumprelu_pre_act_coefficient and
+    jumprelu_init_threshold); l1: Rajamanoharan et al. 2024's L1 on ReLU(π_gate) plus the frozen-decoder auxiliary
+    loss. See GatedSAE."""
+
     jumprelu_tanh_scale: float = 4.0
     """jumprelu tanh loss: c in tanh(c·fᵢ‖W_dec,i‖) (Anthropic January 2025 use 4)."""
 
@@ -113,7 +123,12 @@ class SAEConfig:
     activations scaled to mean norm √d_in). None: 2 for the tanh loss (Anthropic January 2025), 0.05 for step."""
 
     jumprelu_init_threshold: float | None = None
-    """jumprelu: initial threshold θ of every latent. None: 0.1 for the tanh loss (Anthropic), 0.01 for step."""
+    """jumprelu: initial threshold θ of every latent (gated with the tanh loss: −b_gate). None: 1 for the tanh loss,
+    0.01 for step. Anthropic start at 0.1, but on activations scaled to mean norm √d_in half the pre-activations
+    exceed 0.1 at init, and the thresholds then spent the first ~100 of 488 steps climbing out of the dense phase:
+    on SmolLM2 mlp_out.9 (500k tokens, target L0 32) held-out EV 0.837 / 0.854 / 0.868 at θ₀ = 0.1 / 1 / 2, dead
+    latents 0.9 / 1.3 / 10.7 %; on the issue-11 toy (CI copy) jumprelu MMCS 0.97 / 0.99 / 0.98, gated 0.76 / 0.95
+    / 0.99."""
 
     matryoshka_groups: list[int] | None = None
     """matryoshka: sizes of the nested latent groups, summing to d_sae; prefix i = the first i groups, each
@@ -170,19 +185,22 @@ class SAEConfig:
         self._check_transcoder()
         if self.apply_b_dec_to_input is None:
             self.apply_b_dec_to_input = self.arch != "jumprelu" and not self.decoder_norm_penalty and not self.target
+        if self.gated_loss not in ("tanh", "l1"):
+            raise SAEToolkitError(f"gated_loss={self.gated_loss!r}; choose 'tanh' or 'l1'")
         if self.l1_coefficient is None:
-            self.l1_coefficient = _DEFAULT_L1.get(self.arch, 0.0)
+            gated_tanh = self.arch == "gated" and self.gated_loss == "tanh"
+            self.l1_coefficient = _DEFAULT_GATED_TANH if gated_tanh else _DEFAULT_L1.get(self.arch, 0.0)
         _check_nonneg("l1_coefficient", self.l1_coefficient)
         _check_nonneg("aux_coefficient", self.aux_coefficient)
         if not 0.0 <= self.batchtopk_threshold_decay < 1.0:
             raise SAEToolkitError(f"batchtopk_threshold_decay={self.batchtopk_threshold_decay!r} must be in [0, 1)")
         if self.jumprelu_loss not in ("tanh", "step"):
             raise SAEToolkitError(f"jumprelu_loss={self.jumprelu_loss!r}; choose 'tanh' or 'step'")
-        tanh = self.jumprelu_loss == "tanh"
+        tanh = self.jumprelu_loss == "tanh" if self.arch == "jumprelu" else True  # gated uses the tanh values
         if self.jumprelu_bandwidth is None:
             self.jumprelu_bandwidth = 2.0 if tanh else 0.05
         if self.jumprelu_init_threshold is None:
-            self.jumprelu_init_threshold = 0.1 if tanh else 0.01
+            self.jumprelu_init_threshold = 1.0 if tanh else 0.01
         _check_nonneg("jumprelu_pre_act_coefficient", self.jumprelu_pre_act_coefficient)
         if self.arch == "matryoshka":
             self.matryoshka_groups = _matryoshka_groups(self.matryoshka_groups, self.d_sae)

@@ -93,7 +93,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] | None = None
     """Adam β1, β2. None: (0, 0.999) for jumprelu (Rajamanoharan et al. 2024: without momentum its thresholds'
     straight-through gradients trained better; on SmolLM2 activations at L0 32 held-out EV 0.842 vs 0.819, dead
-    latents 0.1 % vs 2.2 %), else (0.9, 0.999)."""
+    latents 0.1 % vs 2.2 %) and for gated with gated_loss="tanh" (the same estimator on its gate), else
+    (0.9, 0.999)."""
     max_grad_norm: float | None = None
     """Clip the gradient norm to this value. None: 1 for relu with decoder_norm_penalty (Anthropic April 2024),
     else no clipping."""
@@ -122,6 +123,8 @@ class TrainConfig:
     jumprelu_loss: Literal["tanh", "step"] = "tanh"
     """jumprelu: Anthropic's January-2025 tanh penalty with the pre-activation term, or the L0 step-function
     estimator of Rajamanoharan et al. 2024."""
+    gated_loss: Literal["tanh", "l1"] = "tanh"
+    """gated: the JumpReLU tanh recipe on the gate (default) or the paper's L1 + auxiliary loss (SAEConfig)."""
     matryoshka_groups: tuple[int, ...] | None = None
     """matryoshka: nested group sizes summing to d_sae. None: two halves (see SAEConfig.matryoshka_groups)."""
 
@@ -196,6 +199,8 @@ class TrainConfig:
             raise SAEToolkitError(f"decoder_norm_penalty is the relu April-2024 variant, not for arch {self.arch!r}")
         if self.jumprelu_loss not in ("tanh", "step"):
             raise SAEToolkitError(f"jumprelu_loss={self.jumprelu_loss!r}; choose 'tanh' or 'step'")
+        if self.gated_loss not in ("tanh", "l1"):
+            raise SAEToolkitError(f"gated_loss={self.gated_loss!r}; choose 'tanh' or 'l1'")
         if self.matryoshka_groups is not None:
             if self.arch != "matryoshka":
                 raise SAEToolkitError(f"matryoshka_groups is a matryoshka option, not for arch {self.arch!r}")
@@ -205,7 +210,8 @@ class TrainConfig:
                 raise SAEToolkitError(f"seq_range={self.seq_range!r} must be (start, stop) with 0 <= start < stop")
             self.seq_range = (int(self.seq_range[0]), int(self.seq_range[1]))
         if self.adam_betas is None:
-            self.adam_betas = (0.0, 0.999) if self.arch == "jumprelu" else (0.9, 0.999)
+            ste = self.arch == "jumprelu" or (self.arch == "gated" and self.gated_loss == "tanh")
+            self.adam_betas = (0.0, 0.999) if ste else (0.9, 0.999)
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         for name, choices in (("b_dec_init", ("geometric_median", "mean", "zeros")),
                               ("lr_decay", ("linear", "cosine", "none")),

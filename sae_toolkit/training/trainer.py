@@ -201,6 +201,7 @@ class Trainer:
             hookpoint=cfg.hookpoint, model=self.store.model, l1_coefficient=cfg.l1_coefficient,
             decoder_norm_penalty=cfg.decoder_norm_penalty, k_aux=cfg.k_aux if topk_family else None,
             aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk, jumprelu_loss=cfg.jumprelu_loss,
+            gated_loss=cfg.gated_loss,
             matryoshka_groups=list(cfg.matryoshka_groups) if cfg.matryoshka_groups else None,
             target=cfg.target, d_out=getattr(self.store, "d_out", self.d_in), skip=cfg.skip,
             extra={"train_tokens": self.total_tokens, "train_steps": self.total_steps,
@@ -234,6 +235,7 @@ class Trainer:
         now = self.cfg.to_dict()
         # a key an older version did not write had its default then (e.g. target="" before transcoders)
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        defaults["gated_loss"] = "l1"  # gated runs from before the option trained with the L1 loss
         changed = [f"{k} was {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
                    if k not in RESUMABLE_CHANGES and json.loads(json.dumps(now[k])) != saved.get(k, defaults[k])]
         if changed:

@@ -117,8 +117,46 @@ def test_jumprelu_tanh_loss_anthropic_2025():
     assert (grads_of(sae, out.parts["pre_act"])["b_enc"] <= 0).all()
 
 
+def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
+    """gated_loss="tanh" (default): f as in encode, λ Σ tanh(c·f) + λ_P Σ ReLU(−π_gate), and the gate's step
+    sends ∂L/∂b_gate = (1/ε)·Σ_batch K(π_gate/ε)·ReLU(π_mag)·∂L/∂f (JumpReLU's estimator, the jump at the gate)."""
+    sae = randomized("gated", seed=3, jumprelu_bandwidth=0.5)
+    assert sae.cfg.gated_loss == "tanh" and sae.cfg.l1_coefficient == pytest.approx(0.5)
+    assert set(sae.steering_lr_scales) == {"b_enc"}
+    x = torch.randn(64, D_IN, dtype=torch.float64)
+    out = sae.training_loss(x, sparsity_scale=0.5)
+    gate = pre_acts_ref(sae, x)
+    mag = (gate - sae.b_enc) * sae.r_mag.exp() + sae.b_mag
+    f = (gate > 0) * mag.relu()
+    torch.testing.assert_close(out.x_hat, f @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(out.x_hat, sae(x).x_hat)  # training forward = inference forward
+    c, lam, eps = sae.cfg.jumprelu_tanh_scale, sae.cfg.l1_coefficient, sae.cfg.jumprelu_bandwidth
+    torch.testing.assert_close(out.parts["l0"], 0.5 * lam * torch.tanh(c * f).sum(-1).mean())
+    torch.testing.assert_close(out.parts["pre_act"],
+                               sae.cfg.jumprelu_pre_act_coefficient * (-gate).relu().sum(-1).mean())
+    assert "aux" not in out.parts
+    # the reconstruction's gradient on b_gate: the autograd part through the open gates plus the estimator
+    g = grads_of(sae, out.parts["mse"])["b_enc"]
+    f_leaf = f.detach().requires_grad_(True)
+    dl_df = torch.autograd.grad(mse(x, f_leaf @ sae.W_dec.detach() + sae.b_dec.detach()), f_leaf)[0]
+    # π_mag = exp(r_mag)·W_encᵀx̃ + b_mag does not depend on b_gate: all of it comes through the estimator
+    band = (gate.detach().abs() < eps / 2).double()
+    torch.testing.assert_close(g, (band * mag.detach().relu() * dl_df).sum(0) / eps)
+    assert g.abs().sum() > 0
+    # the penalty pushes gates shut (never opens one) and the pre-activation term pulls them open
+    assert (grads_of(sae, out.parts["l0"])["b_enc"] >= 0).all()
+    assert (grads_of(sae, out.parts["pre_act"])["b_enc"] <= 0).all()
+    # a fresh tanh Gated SAE starts every gate at JumpReLU's initial threshold
+    fresh = make_sae(SAEConfig(arch="gated", d_in=D_IN, d_sae=D_SAE))
+    assert torch.all(fresh.b_enc == -fresh.cfg.jumprelu_init_threshold)
+    assert fresh.cfg.jumprelu_init_threshold == 1.0 and fresh.cfg.jumprelu_bandwidth == 2.0
+    with pytest.raises(SAEToolkitError, match="gated_loss='hinge'"):
+        SAEConfig(arch="gated", d_in=D_IN, d_sae=D_SAE, gated_loss="hinge")
+
+
 def test_gated_aux_loss_trains_only_the_gate_path():
-    sae = randomized("gated", seed=2)
+    sae = randomized("gated", seed=2, gated_loss="l1")
+    assert sae.cfg.l1_coefficient == pytest.approx(4.0) and sae.steering_lr_scales == {}
     x = torch.randn(16, D_IN, dtype=torch.float64)
     out = sae.training_loss(x)
     g = grads_of(sae, out.parts["aux"])

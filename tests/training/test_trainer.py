@@ -167,6 +167,23 @@ def test_resume_and_run_dir_errors(small, tmp_path):
         train_sae(_cfg(wide, run, tokens=128 * 10, resume=True))
 
 
+def test_resuming_a_gated_run_from_before_gated_loss_keeps_its_l1_loss(small, tmp_path):
+    """A checkpoint whose train config predates `gated_loss` trained with the L1 loss: resuming it under the new
+    tanh default is refused with the difference; --gated-loss l1 resumes it."""
+    from sae_toolkit.training.checkpoint import STATE_NAME
+
+    run = tmp_path / "run"
+    train_sae(_cfg(small, run, arch="gated", gated_loss="l1", adam_betas=(0.9, 0.999)))
+    state_file = list_checkpoints(run)[-1] / STATE_NAME
+    state = json.loads(state_file.read_text())
+    del state["train_config"]["gated_loss"]  # as an older sae-toolkit wrote it
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SAEToolkitError, match="gated_loss was 'l1', now 'tanh'"):
+        train_sae(_cfg(small, run, arch="gated", adam_betas=(0.9, 0.999), resume=True))
+    train_sae(_cfg(small, run, arch="gated", gated_loss="l1", adam_betas=(0.9, 0.999), resume=True))
+    assert read_metrics(run)[-1]["step"] == 40 and "loss_aux" in read_metrics(run)[-1]
+
+
 # ---- bad input ----
 
 def test_bad_inputs_are_clear_errors(small, tmp_path):
