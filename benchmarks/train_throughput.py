@@ -22,6 +22,7 @@ Contenders (k=32, Adam, 10 % of latents marked dead where the arch has AuxK):
   relu_fresh/_sparse2   our ReLU + L1 step, fresh SAE / b_enc set so latents fire on ~2 % of (token, latent)s
   saelens_relu_*        SAELens StandardTrainingSAE.training_forward_pass + backward + Adam, same two regimes
   batchtopk_dead10, jumprelu_fresh, jumprelu_sparse2, gated_fresh
+  jumprelu_l0k          JumpReLU with θ set so that k latents per token fire on average: TopK's L0 (sparse2: ~3×)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ RATIOS = [  # (numerator, denominator, target) — a target of None is informati
     ("relu_sparse2", "saelens_relu_sparse2", 1.5),
     ("batchtopk_dead10", "topk_dead10", 1 / 1.2),
     ("jumprelu_sparse2", "topk_nodead", 1 / 1.2),
+    ("jumprelu_l0k", "topk_nodead", 1 / 1.2),
     ("jumprelu_fresh", "topk_nodead", None),
     ("gated_fresh", "topk_nodead", None),
 ]
@@ -119,6 +121,7 @@ def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Te
     add("relu_sparse2", "relu", density=0.02)
     add("jumprelu_fresh", "jumprelu")
     add("jumprelu_sparse2", "jumprelu", density=0.02)
+    add("jumprelu_l0k", "jumprelu", density=32 / d_sae)
     add("gated_fresh", "gated")
     return out
 
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     autocast = device.type == "cuda" and not args.no_autocast
     all_names = {"matmul_floor", "topk_dead10", "topk_nodead", "batchtopk_dead10", "relu_fresh", "relu_sparse2",
-                 "jumprelu_fresh", "jumprelu_sparse2", "gated_fresh", "sparsify_topk_dead10",
+                 "jumprelu_fresh", "jumprelu_sparse2", "jumprelu_l0k", "gated_fresh", "sparsify_topk_dead10",
                  "sparsify_topk_nodead", "saelens_relu_fresh", "saelens_relu_sparse2"}
     names = set(args.only) if args.only else set(all_names)
     if args.compile:

@@ -298,7 +298,9 @@ class _SparsePreActs(Function):
             grad_W = _bag_sum(sae_in.to(W_enc.dtype), rows_t, offsets_t, g_t)  # Gᵀ x, [d_sae, d_in]
             if dead is not None:
                 grad_W.index_add_(0, dead, g_aux.t() @ sae_in.to(W_enc.dtype))
-            grad_W = grad_W.t()  # [d_in, d_sae]
+            # [d_in, d_sae] in W_enc's layout: autograd's accumulation would copy a transposed gradient itself, through
+            # a slower generic path (3.8 ms against 3.0 ms for this copy at 576 × 4608 on CPU)
+            grad_W = torch.empty_like(W_enc, memory_format=torch.preserve_format).copy_(grad_W.t())
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # per-latent sums of g as bags over a ones column: deterministic on CUDA, unlike index_add_'s atomics
             ones = torch.ones(n_rows, 1, device=g.device, dtype=W_enc.dtype)
