@@ -207,7 +207,7 @@ class SAE(nn.Module, ABC):
         # vecdot / vector_norm: no [d_sae, d_in] temporaries (this runs every step)
         coef = torch.linalg.vecdot(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-12)  # [d_sae]
         if g.data_ptr() == self.W_dec.grad.data_ptr():
-            self.W_dec.grad.sub_(coef[:, None] * W)
+            self.W_dec.grad.addcmul_(coef[:, None], W, value=-1)  # in one pass, no [d_sae, d_in] temporary
         else:
             self.W_dec.grad.copy_(g - coef[:, None] * W)
 
