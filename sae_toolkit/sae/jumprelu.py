@@ -57,8 +57,8 @@ class _Step(Function):
 
 FUSED_MAX_DENSITY = 0.15
 """The tanh step runs as `_TanhStep` on eager CPU when at most this share of the [batch, d_sae] pre-activations lie
-above θ − ε/2 (the open gates and the threshold estimator's band, where ∂L/∂f is needed): one dot product per such
-entry (~50 ns each on the project's CPU) against a dense g W_decᵀ GEMM (~7 ns per entry)."""
+above θ − ε/2 (the open gates and the threshold estimator's band, where ∂L/∂f is needed): a dot product or a bag-sum
+term per such entry (~40-50 ns each on the project's CPU) against a dense g W_decᵀ GEMM (~7 ns per entry)."""
 
 
 class _TanhStep(Function):
@@ -68,7 +68,8 @@ class _TanhStep(Function):
     (f W_dec [batch, d_out], Σ tanh(c·f·n), Σ ReLU(θ − π)·n, fired [d_sae] bool, number of open gates), n = ‖W_dec,i‖.
     The same values and gradients as the composed autograd graph (`_JumpReLU` + `adaptive_decode` + the two
     penalty terms), but:
-    - ∂L/∂f is a dot product g[row]·W_dec[col] per entry of U instead of the dense g W_decᵀ,
+    - ∂L/∂f is a dot product g[row]·W_dec[col] per entry at or above θ, and the band below θ (closed gates) enters
+      θ's estimator only as per-latent sums W_dec,i · Σ_band g_b (bag sums of g's rows), instead of the dense g W_decᵀ,
     - the pre-activation term's ∂π = −n·1[π < θ] is dense, but its ∂W_enc = −n ⊗ Σ_b x_b + Σ_{π ≥ θ} x_b n is a
       rank-one update plus a sum over the (few) gates at or above θ: no dense ∂W_enc GEMM,
     - Σ_b ReLU(θ − π) = B·θ − Σ_b π + Σ_{π ≥ θ}(π − θ), with Σ_b π = (Σ_b x_b) W_enc + B·b_enc a matvec: no
