@@ -82,14 +82,14 @@ class _TanhStep(Function):
         rows, cols = flat_u // d_sae, flat_u % d_sae
         z = pre.reshape(-1).index_select(0, flat_u)  # π on U
         th = theta.index_select(0, cols)
-        s = (z >= th).nonzero().squeeze(1)  # S: ReLU(θ − π) = 0 there; ⊇ the open gates (equal only if π = θ)
-        s_rows, s_cols, s_z = rows[s], cols[s], z[s]
-        f = s_z * (s_z > th[s])  # JumpReLU output on S
+        s = kernels.flat_nonzero(z >= th)  # S: ReLU(θ − π) = 0 there; ⊇ the open gates (equal only if π = θ)
+        s_rows, s_cols, s_z, s_th = rows[s], cols[s], z[s], th[s]
+        f = s_z * (s_z > s_th)  # JumpReLU output on S
         dec = kernels.bag_sum(W_dec, s_cols, kernels.row_offsets(s_rows, n_rows), f)
         t = torch.tanh(c * norms.index_select(0, s_cols) * f)
         x_sum = sae_in.sum(0)
         pi_sum = x_sum.to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
-        excess = torch.zeros_like(theta).index_add_(0, s_cols, s_z - th[s])
+        excess = torch.zeros_like(theta).index_add_(0, s_cols, s_z - s_th)
         relu_sum = (n_rows * theta - pi_sum + excess).clamp_min_(0)  # [d_sae] Σ_b ReLU(θ − π)
         n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(theta.dtype)  # [d_sae] #{b: π < θ}
         opened = f > 0  # θ > 0, so open ⇔ f > 0
@@ -111,7 +111,7 @@ class _TanhStep(Function):
         dldf = kernels.gather_dot(g_dec, W_dec, s_rows, s_cols).to(z.dtype) + (g_pen * c) * n_s * (1 - t * t)
         # The band below θ (closed gates, f = 0, sech² = 1) only enters θ's estimator as a per-latent sum:
         # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows grouped by latent (cheaper than a dot per entry)
-        closed = band.clone().index_fill_(0, s, False).nonzero().squeeze(1)
+        closed = kernels.flat_nonzero(band.clone().index_fill_(0, s, False))
         c_cols = cols.index_select(0, closed)
         order = kernels.argsort_keys(c_cols, d_sae)
         g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, closed).index_select(0, order),

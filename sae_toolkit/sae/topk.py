@@ -118,8 +118,8 @@ class TopKSAE(SAE):
         dead_mask = dead_mask.to(pre.device, torch.bool)
         e = (x - x_hat).detach()
         if kernels.host_syncs_ok(pre):
-            dead = dead_mask.nonzero().squeeze(1)  # [n_dead]
-            if dead.numel() == 0:
+            dead = self._dead_compact(pre, dead_mask)  # [n_dead]
+            if dead is None:
                 return zero
             e_hat = self._auxk_decode_compact(sae_in, pre, dead)
             return self.cfg.aux_coefficient * self._mse(e, e_hat)
@@ -152,7 +152,9 @@ class TopKSAE(SAE):
         return f
 
     def _auxk_decode_compact(self, sae_in: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
-        """ê [batch, d_in] from the dead latents `dead` [n_dead] (global ids), dense on their columns only."""
+        """ê [batch, d_in] from the dead latents `dead` [n_dead] (global ids), dense on their columns only: the
+        compact AuxK of archs that decode in several pieces (Matryoshka); TopK runs the same block inside its main
+        kernels (`kernels.sparse_pre_acts_with_block`)."""
         z_pre = pre.index_select(1, dead)  # [batch, n_dead], no grad: the encoder ran once, for every latent
         # gradients reach the dead columns of W_enc, b_enc (and b_dec, as one matvec) without a second forward GEMM
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None

@@ -472,3 +472,13 @@ def _counting(fn, calls):
         calls.append(1)
         return fn(*args)
     return wrapped
+
+
+def test_flat_nonzero_matches_torch_nonzero():
+    """numpy's flatnonzero on eager CPU (contiguous masks) and torch's nonzero elsewhere give the same indices."""
+    mask = torch.rand(37, 53, generator=torch.Generator().manual_seed(5)) < 0.1
+    want = mask.reshape(-1).nonzero().squeeze(1)
+    got = kernels.flat_nonzero(mask)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(kernels.flat_nonzero(mask.t()), mask.t().reshape(-1).nonzero().squeeze(1))  # strided
+    assert kernels.flat_nonzero(torch.zeros(4, 5, dtype=torch.bool)).numel() == 0
