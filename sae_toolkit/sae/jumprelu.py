@@ -127,11 +127,8 @@ class _TanhStep(Function):
         t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
         w = (dldf_open + g_pre * n_s).index_select(0, t_s.order)
         bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, w)  # [d_sae, d_in]
-        # the transpose and the rank-one update in one pass, into W_enc's layout (a transposed gradient would be
-        # copied again by autograd's accumulation)
-        grad_W_enc = torch.addr(bag.t(), x_sum.to(W_enc.dtype), norms, alpha=-g_pre,
-                                out=torch.empty_like(W_enc, memory_format=torch.preserve_format))
-        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.has_b_dec and ctx.needs_input_grad[4] else None
+        grad_W_enc = kernels.in_layout(bag, W_enc).addr_(x_sum.to(W_enc.dtype), norms, alpha=-g_pre)  # in place
+        grad_b_dec = -(grad_b_enc @ W_enc.t()) if ctx.has_b_dec and ctx.needs_input_grad[4] else None
         grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f.index_select(0, t_s.order))
         grad_norms = (g_pen * c) * torch.zeros_like(norms).index_add_(0, s_cols, (1 - t * t) * f) + g_pre * relu_sum
         return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_theta, grad_W_dec, grad_norms,

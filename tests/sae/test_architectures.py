@@ -256,7 +256,25 @@ def test_fresh_saes_start_with_unit_decoder_and_tied_encoder():
         sae = make_sae(cfg_for(arch))
         torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE, dtype=torch.float64))
         assert torch.equal(sae.W_enc, sae.W_dec.T)
+        # a copy, not a view: tied storage would apply every optimizer update to both
+        assert sae.W_enc.untyped_storage().data_ptr() != sae.W_dec.untyped_storage().data_ptr()
     assert make_sae(cfg_for("relu", decoder_norm_penalty=True)).W_dec.norm(dim=-1).max() < 0.11
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "gated", "transcoder"])
+def test_w_enc_is_latent_major_and_its_gradient_too(arch, tmp_path):
+    """W_enc [d_in, d_sae] is stored latent-major through init, dtype moves and load, and a training step's
+    ∂W_enc arrives in that layout (no transposed copy in autograd's accumulation)."""
+    kw = {"skip": True, "d_out": D_IN + 3, "target": "mlp_out.1"} if arch == "transcoder" else {}
+    sae = make_sae(cfg_for("topk" if arch == "transcoder" else arch, **kw))
+    assert sae.W_enc.shape == (D_IN, D_SAE) and sae.W_enc.t().is_contiguous()
+    assert sae.to(torch.float32).W_enc.t().is_contiguous()
+    x = torch.randn(16, D_IN)
+    y = torch.randn(16, D_IN + 3) if kw else None
+    sae.training_loss(x, **({"target": y} if kw else {})).loss.backward()
+    assert sae.W_enc.grad.stride() == sae.W_enc.stride()
+    sae.save(tmp_path / "sae")
+    assert load_sae(tmp_path / "sae").W_enc.t().is_contiguous()
 
 
 @pytest.mark.parametrize("arch", ALL)
