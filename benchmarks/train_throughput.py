@@ -21,7 +21,7 @@ Contenders (k=32, Adam, 10 % of latents marked dead where the arch has AuxK):
   sparsify_topk_*       sparsify's SparseCoder forward (fvu + auxk/32) + backward + its decoder upkeep + Adam
   relu_fresh/_sparse2   our ReLU + L1 step, fresh SAE / b_enc set so latents fire on ~2 % of (token, latent)s
   saelens_relu_*        SAELens StandardTrainingSAE.training_forward_pass + backward + Adam, same two regimes
-  batchtopk_dead10, jumprelu_fresh, jumprelu_sparse2, gated_fresh
+  batchtopk_dead10, jumprelu_fresh, jumprelu_sparse2, gated_fresh, gated_sparse2 (b_gate: gates open on ~2 %)
   jumprelu_l0k          JumpReLU with θ set so that k latents per token fire on average: TopK's L0 (sparse2: ~3×)
 """
 
@@ -51,6 +51,7 @@ RATIOS = [  # (numerator, denominator, target) — a target of None is informati
     ("jumprelu_sparse2", "topk_nodead", 1 / 1.2),
     ("jumprelu_l0k", "topk_nodead", 1 / 1.2),
     ("jumprelu_fresh", "topk_nodead", None),
+    ("gated_sparse2", "topk_nodead", None),
     ("gated_fresh", "topk_nodead", None),
 ]
 
@@ -123,6 +124,7 @@ def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Te
     add("jumprelu_sparse2", "jumprelu", density=0.02)
     add("jumprelu_l0k", "jumprelu", density=32 / d_sae)
     add("gated_fresh", "gated")
+    add("gated_sparse2", "gated", density=0.02)
     return out
 
 
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     autocast = device.type == "cuda" and not args.no_autocast
     all_names = {"matmul_floor", "topk_dead10", "topk_nodead", "batchtopk_dead10", "relu_fresh", "relu_sparse2",
-                 "jumprelu_fresh", "jumprelu_sparse2", "jumprelu_l0k", "gated_fresh", "sparsify_topk_dead10",
+                 "jumprelu_fresh", "jumprelu_sparse2", "jumprelu_l0k", "gated_fresh", "gated_sparse2",
+                 "sparsify_topk_dead10",
                  "sparsify_topk_nodead", "saelens_relu_fresh", "saelens_relu_sparse2"}
     names = set(args.only) if args.only else set(all_names)
     if args.compile:

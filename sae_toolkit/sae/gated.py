@@ -5,12 +5,89 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Function
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step
+from sae_toolkit.sae.jumprelu import _Step, fused_entries
 from sae_toolkit.sae.registry import register
+
+
+class _GatedTanhStep(Function):
+    """Gated's tanh-recipe step from precomputed gate pre-activations π = W_encᵀx̃ + b_gate, backward written out
+    sparse (the Gated counterpart of `jumprelu._TanhStep`).
+
+    Forward (no autograd inside), on U = {π > −ε/2} (flat row-major indices `flat_u`): f = ReLU(π_mag)·1[π > 0] with
+    π_mag = e^{r_mag}(π − b_gate) + b_mag; returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae]
+    bool, number of open gates). The same values and gradients as the composed graph in `GatedSAE.training_loss`:
+    - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
+      (1/ε) Σ_{|π| < ε/2} ∂L/∂f·ReLU(π_mag)) takes the band below the gate as bag sums of g's rows per latent,
+      weighted by ReLU(π_mag),
+    - the pre-activation term's ∂π = −1[π < 0] is dense, but its ∂W_enc = −Σ_b x̃_b ⊗ 1 + Σ_{π ≥ 0} x̃_b is a
+      rank-one update plus a sum over the entries at or above the gate, and Σ_b ReLU(−π) = −Σ_b π + Σ_{π ≥ 0} π
+      with Σ_b π a matvec.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, r_mag, b_mag, W_dec, c, eps, flat_u):
+        n_rows, d_sae = pre.shape
+        rows, cols = flat_u // d_sae, flat_u % d_sae
+        z = pre.reshape(-1).index_select(0, flat_u)  # π on U
+        s = kernels.flat_nonzero(z >= 0)  # S: ReLU(−π) = 0 there; ⊇ the open gates (equal only if π = 0)
+        s_rows, s_cols, s_z = rows[s], cols[s], z[s]
+        e_r = r_mag.exp()
+        mag = (s_z - b_enc.index_select(0, s_cols)) * e_r.index_select(0, s_cols) + b_mag.index_select(0, s_cols)
+        f = mag.relu() * (s_z > 0)
+        dec = kernels.bag_sum(W_dec, s_cols, kernels.row_offsets(s_rows, n_rows), f)
+        t = torch.tanh(c * f)
+        x_sum = sae_in.sum(0)
+        pi_sum = x_sum.to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
+        relu_sum = (torch.zeros_like(b_enc).index_add_(0, s_cols, s_z) - pi_sum).clamp_min_(0)  # Σ_b ReLU(−π)
+        n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(b_enc.dtype)  # [d_sae] #{b: π < 0}
+        opened = f > 0
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
+        ctx.save_for_backward(sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, x_sum, n_lt)
+        ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
+        ctx.mark_non_differentiable(fired)
+        return dec, t.sum(), relu_sum.sum(), fired, opened.sum()
+
+    @staticmethod
+    def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
+        sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, x_sum, n_lt = ctx.saved_tensors
+        n_rows, d_sae, c, eps = sae_in.shape[0], b_enc.shape[0], ctx.c, ctx.eps
+        g_dec = g_dec.contiguous()
+        s_rows, s_cols, s_z = rows.index_select(0, s), cols.index_select(0, s), z.index_select(0, s)
+        # ∂L/∂f on S: the reconstruction's g·W_dec,i plus the tanh term's g_pen·c·sech²
+        dldf = kernels.gather_dot(g_dec, W_dec, s_rows, s_cols).to(z.dtype) + (g_pen * c) * (1 - t * t)
+        # the gate's estimator over its band: ∂L/∂H = ∂L/∂f·ReLU(π_mag); below the gate (f = 0, sech² = 1) only as
+        # per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of g's rows) + g_pen·c·Σ_b ReLU(π_mag)
+        below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
+        l_cols, l_z = cols.index_select(0, below), z.index_select(0, below)
+        l_w = ((l_z - b_enc.index_select(0, l_cols)) * e_r.index_select(0, l_cols)
+               + b_mag.index_select(0, l_cols)).relu_()
+        order = kernels.argsort_keys(l_cols, d_sae)
+        g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, below).index_select(0, order),
+                                 kernels.row_offsets(l_cols.index_select(0, order), d_sae),
+                                 l_w.index_select(0, order))  # [d_sae, d_out]
+        w_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w)
+        band_s = s_z < eps / 2
+        band_sum = ((W_dec * g_band).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum).index_add_(
+            0, s_cols[band_s], (dldf * mag.relu())[band_s])
+        dm = dldf * (f > 0)  # ∂L/∂π_mag on S: f = ReLU(π_mag) where the gate is open
+        e_s = e_r.index_select(0, s_cols)
+        grad_r = torch.zeros_like(e_r).index_add_(0, s_cols, dm * (s_z - b_enc.index_select(0, s_cols)) * e_s)
+        grad_b_mag = torch.zeros_like(b_mag).index_add_(0, s_cols, dm)
+        grad_b_enc = band_sum / eps - g_pre * n_lt  # π_mag's (π − b_gate) leaves b_gate no gradient
+        t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
+        dpi = dm * e_s  # ∂π on S from π_mag; the pre-activation term adds g_pre on S and −g_pre everywhere
+        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, (dpi + g_pre).index_select(0, t_s.order))
+        grad_W_enc = kernels.in_layout(bag, W_enc).addr_(x_sum.to(W_enc.dtype), torch.ones_like(b_enc), alpha=-g_pre)
+        grad_b_dec = None
+        if ctx.has_b_dec and ctx.needs_input_grad[4]:  # x̃ = x − b_dec: −W_enc Σ_b ∂π_b
+            grad_b_dec = -((torch.zeros_like(b_enc).index_add_(0, s_cols, dpi) - g_pre * n_lt) @ W_enc.t())
+        grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f.index_select(0, t_s.order))
+        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None)
 
 
 @register
@@ -28,7 +105,8 @@ class GatedSAE(SAE):
         ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
     the last term decoding with a detached copy of W_dec and b_dec so only the gate path learns from it; its L1
     trains the shared W_enc like a ReLU SAE's, which on SmolLM2 activations cost it ~0.1 EV against the tanh
-    recipe. Saved extras: r_mag [d_sae], b_mag [d_sae].
+    recipe. Saved extras: r_mag [d_sae], b_mag [d_sae]. On eager CPU the tanh step runs as one Function
+    (`_GatedTanhStep`) once at most jumprelu.FUSED_MAX_DENSITY of the gate pre-activations lie above −ε/2.
     """
 
     archs = ("gated",)
@@ -67,7 +145,12 @@ class GatedSAE(SAE):
         x = x.to(self.W_enc.dtype)
         y = self._target(x, target)
         cfg = self.cfg
-        gate = self._pre_acts_with_grad(x)  # [batch, d_sae] π_gate; sparse ∂W_enc once few gates are open
+        computed = self._encoder_pass(x)  # π_gate [batch, d_sae], x̃; no autograd yet
+        if cfg.gated_loss == "tanh":
+            flat_u = fused_entries(computed[0], 0.0, cfg.jumprelu_bandwidth)
+            if flat_u is not None:
+                return self._fused_tanh_loss(x, y, *computed, flat_u, sparsity_scale)
+        gate = self._pre_acts_with_grad(x, computed)  # π_gate with grad; sparse ∂W_enc once few gates are open
         h = gate - self.b_enc  # W_encᵀx̃
         mag = h * self.r_mag.exp() + self.b_mag  # π_mag: the same W_enc product, rescaled
         skip = self.skip_out(x) if cfg.skip else 0.0  # [batch, d_out]
@@ -96,6 +179,21 @@ class GatedSAE(SAE):
         }
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor,
+                         sparsity_scale: float) -> TrainOutput:
+        cfg, n_rows = self.cfg, pre.shape[0]
+        b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
+        dec, pen_sum, pre_sum, fired, n_open = _GatedTanhStep.apply(
+            pre, sae_in, self.W_enc, self.b_enc, b_dec, self.r_mag, self.b_mag, self.W_dec, cfg.jumprelu_tanh_scale,
+            cfg.jumprelu_bandwidth, flat_u)
+        x_hat = dec + self.b_dec
+        if cfg.skip:
+            x_hat = x_hat + self.skip_out(x)
+        parts = {"mse": self._mse(y, x_hat),
+                 "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
+                 "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
+        return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
 
     def _fold_extra_(self, scale: float) -> None:
         self.b_mag.div_(scale)

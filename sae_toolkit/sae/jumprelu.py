@@ -61,6 +61,17 @@ above θ − ε/2 (the open gates and the threshold estimator's band, where ∂L
 term per such entry (~40-50 ns each on the project's CPU) against a dense g W_decᵀ GEMM (~7 ns per entry)."""
 
 
+def fused_entries(pre: Tensor, theta: Tensor | float, eps: float) -> Tensor | None:
+    """Flat indices of the [batch, d_sae] pre-activations above θ − ε/2 when a fused tanh step applies (eager CPU,
+    float32/64, no autocast, at most FUSED_MAX_DENSITY of them), else None. Reads a count on the host."""
+    if (not kernels.host_syncs_ok(pre) or torch.is_autocast_enabled("cpu")
+            or pre.dtype not in (torch.float32, torch.float64)):
+        return None
+    # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
+    flat_u = kernels.flat_nonzero(pre > theta - 0.5 * eps * (1 + 1e-4))
+    return flat_u if flat_u.numel() <= FUSED_MAX_DENSITY * pre.numel() else None
+
+
 class _TanhStep(Function):
     """The tanh-recipe latent step from precomputed pre-activations, with its whole backward written out sparse.
 
@@ -184,7 +195,7 @@ class JumpReLUSAE(SAE):
         pre, sae_in = self._encoder_pass(x)  # [batch, d_sae], [batch, d_in]; no autograd yet
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
         if cfg.jumprelu_loss == "tanh":
-            flat_u = self._fused_entries(pre, theta.detach(), eps)
+            flat_u = fused_entries(pre, theta.detach(), eps)
             if flat_u is not None:
                 return self._fused_tanh_loss(x, y, pre, sae_in, theta, eps, flat_u, sparsity_scale)
         pre = self._pre_acts_with_grad(x, (pre, sae_in))
@@ -204,16 +215,6 @@ class JumpReLUSAE(SAE):
             parts["l0"] = cfg.l1_coefficient * sparsity_scale * l0
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
-
-    def _fused_entries(self, pre: Tensor, theta: Tensor, eps: float) -> Tensor | None:
-        """Flat indices of the pre-activations above θ − ε/2 when `_TanhStep` applies (eager CPU, float32/64,
-        no autocast, at most FUSED_MAX_DENSITY of them), else None. Reads a count on the host."""
-        if (not kernels.host_syncs_ok(pre) or torch.is_autocast_enabled("cpu")
-                or pre.dtype not in (torch.float32, torch.float64)):
-            return None
-        # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
-        flat_u = kernels.flat_nonzero(pre > theta - 0.5 * eps * (1 + 1e-4))
-        return flat_u if flat_u.numel() <= FUSED_MAX_DENSITY * pre.numel() else None
 
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
                          flat_u: Tensor, sparsity_scale: float) -> TrainOutput:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
 
-from sae_toolkit.sae import jumprelu, kernels
+from sae_toolkit.sae import gated, jumprelu, kernels
 from sae_toolkit.sae.kernels import (
     SparseActs,
     batch_topk_code,
@@ -451,8 +451,46 @@ def test_fused_jumprelu_tanh_step_matches_composed_graph(kw, monkeypatch):
         torch.testing.assert_close(grads_f[name], grads_c[name], msg=name)
 
 
+@pytest.mark.parametrize("kw", [{}, {"apply_b_dec_to_input": True},
+                                {"target": "mlp_out.0", "d_out": 11, "skip": True}],
+                         ids=["plain", "b_dec_in", "skip_transcoder"])
+def test_fused_gated_tanh_step_matches_composed_graph(kw, monkeypatch):
+    """Gated's tanh-recipe step as one Function (`gated._GatedTanhStep`: dot products at and above the gate, bag
+    sums weighted by ReLU(π_mag) over the band below it, the pre-activation term as a rank-one update) gives the same
+    loss parts, L0, fired latents and gradients (W_enc, b_gate, b_dec, r_mag, b_mag, W_dec, W_skip) as the
+    composed graph."""
+    sae = randomized("gated", seed=11, jumprelu_bandwidth=0.6, **kw)
+    with torch.no_grad():  # few gates open, a band below them; magnitudes positive and negative around the gate
+        sae.b_enc.sub_(2.0)
+        sae.b_mag.normal_(0.0, 0.5)
+        if kw.get("skip"):
+            sae.W_skip.normal_()
+    x = 2 * torch.randn(40, sae.cfg.d_in)
+    target = torch.randn(40, sae.cfg.d_out) if kw.get("target") else None
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0 if fused else -1.0)
+        calls = []
+        monkeypatch.setattr(gated._GatedTanhStep, "apply", _counting(gated._GatedTanhStep.apply, calls))
+        out = sae.training_loss(x, sparsity_scale=0.7, target=target)
+        assert len(calls) == int(fused)  # the path under test really ran
+        results[fused] = out, grads_of(sae, out.loss)
+    (out_f, grads_f), (out_c, grads_c) = results[True], results[False]
+    assert 0 < float(out_c.l0) < sae.cfg.d_sae / 2
+    torch.testing.assert_close(out_f.l0, out_c.l0)
+    assert torch.equal(out_f.fired, out_c.fired)
+    torch.testing.assert_close(out_f.x_hat, out_c.x_hat)
+    for name in out_c.parts:
+        torch.testing.assert_close(out_f.parts[name], out_c.parts[name], msg=name)
+    assert set(grads_f) == set(grads_c)
+    for name in grads_c:
+        assert grads_c[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_f[name], grads_c[name], msg=name)
+
+
 def test_fused_jumprelu_step_only_when_few_pre_acts_reach_the_band(monkeypatch):
-    """A fresh JumpReLU (θ = 0.1, ~half the gates open) keeps the composed graph; a sparse one takes the fused step."""
+    """A fresh JumpReLU (θ = 0.1, ~half the gates open) keeps the composed graph; a sparse one takes the fused step;
+    Gated likewise."""
     sae = randomized("jumprelu", seed=10)
     x = torch.randn(32, sae.cfg.d_in)
     calls = []
@@ -464,6 +502,16 @@ def test_fused_jumprelu_step_only_when_few_pre_acts_reach_the_band(monkeypatch):
     with torch.no_grad():
         sae.log_threshold.fill_(2.0)
     sae.training_loss(x)
+    assert len(calls) == 1
+    gated_sae, calls = randomized("gated", seed=10), []  # b_gate = −1 at init: the same switch on the gate
+    monkeypatch.setattr(gated._GatedTanhStep, "apply", _counting(gated._GatedTanhStep.apply, calls))
+    with torch.no_grad():
+        gated_sae.b_enc.fill_(-0.1)
+    gated_sae.training_loss(x)
+    assert calls == []
+    with torch.no_grad():
+        gated_sae.b_enc.fill_(-4.0)
+    gated_sae.training_loss(x)
     assert len(calls) == 1
 
 
