@@ -1,7 +1,8 @@
 """Command-line front end: parse arguments, call one library function, print where the output went.
 
-The commands and flags are the contract of DESIGN.md §2; the work happens in the library modules,
-imported lazily so that `sae-toolkit --help` stays fast.
+The commands and flags are the contract of DESIGN.md §2 and are all defined here; the sub-commands of a stage run
+in its commands.py (activations, training, analysis), which import the library lazily so that `sae-toolkit --help`
+stays fast.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import sae_toolkit
 from sae_toolkit import __version__
+from sae_toolkit.activations.commands import cache_command, info_command
+from sae_toolkit.analysis.commands import analyze_command, explain_command, steer_command
 from sae_toolkit.errors import SAEToolkitError, failure_message
+from sae_toolkit.training.commands import train_command
 from sae_toolkit.units import parse_size
 
 
@@ -64,155 +67,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _cmd_cache(args: argparse.Namespace) -> None:
-    from sae_toolkit.activations.cacher import CacheConfig, cache_activations
-
-    cfg = CacheConfig(
-        model=args.model,
-        hookpoints=args.hookpoint,
-        dataset=args.dataset,
-        split=args.split,
-        text_column=args.text_column,
-        tokens=args.tokens,
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        out=args.out,
-        resume=args.resume,
-    )
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one shard per rank, joined by rank 0
-        from sae_toolkit.activations.shards import cache_distributed
-
-        path = cache_distributed(cfg)
-        if os.environ.get("RANK") != "0":
-            return
-    else:
-        from sae_toolkit.activations.shards import refuse_joined
-
-        refuse_joined(cfg)
-        path = cache_activations(cfg)
-    print(f"wrote activations to {path}")
-
-
-def _cmd_info(args: argparse.Namespace) -> None:
-    from sae_toolkit.activations.info import describe
-
-    print(describe(args.file))
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    from sae_toolkit.training.trainer import TrainConfig, train_sae
-
-    if args.arch is None:
-        if not args.target:
-            raise SAEToolkitError("--arch is required for an SAE (relu|topk|batchtopk|jumprelu|gated|matryoshka); "
-                                  "transcoders (--target) default to topk")
-        args.arch = ["topk"]
-    cfg = TrainConfig(
-        acts=args.acts or "",
-        hookpoint=args.hookpoint[0],
-        arch=args.arch[0],
-        target=args.target or "",
-        skip=args.skip,
-        expansion=args.expansion[0],
-        n_features=args.n_features,
-        k=args.k[0],
-        l1_coefficient=args.l1_coefficient,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        tokens=args.tokens,
-        device=args.device,
-        seed=args.seed,
-        out=args.out,
-        resume=args.resume,
-        seq_range=args.seqs,
-        compile=args.compile,
-        target_l0=args.target_l0,
-        decoder_norm_penalty=args.decoder_norm_penalty,
-        jumprelu_loss=args.jumprelu_loss,
-        gated_loss=args.gated_loss,
-        matryoshka_groups=args.matryoshka_groups,
-        outlier_multiple=args.outlier_multiple,
-        exclude_first_positions=args.exclude_first_positions,
-    )
-    if _train_many(args, cfg):
-        return
-    run_dir = train_sae(cfg, force=args.force)
-    print(f"wrote run to {run_dir} (SAE in {run_dir / 'sae'})")
-
-
-def _train_many(args: argparse.Namespace, base) -> bool:
-    """From the model, several SAEs, or under torchrun: train them side by side (training/sweep.py).
-    False when it is the plain one-SAE-from-a-file case, which `train_sae` runs."""
-    import os
-
-    many = len(args.hookpoint) > 1 or len(args.arch) > 1 or len(args.expansion) > 1 or len(args.k) > 1
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.acts and (args.model or args.dataset):
-        raise SAEToolkitError(f"got both an activation file ({args.acts}) and --model/--dataset; give one source")
-    if not args.acts and not (args.model and args.dataset):
-        raise SAEToolkitError("no activations: pass an .h5 file, or --model SPEC --dataset SPEC to train without one")
-    if args.acts and not (many or distributed):
-        return False
-    if args.target:
-        raise SAEToolkitError("transcoders (--target) train one at a time from an activation file: drop the sweep "
-                              "lists, extra --hookpoint flags, --model/--dataset or torchrun")
-    if args.force:
-        raise SAEToolkitError("--force starts over a single run; for a sweep, from the model or under torchrun "
-                              "choose a new --out (or --resume the old one)")
-    from sae_toolkit.activations.stream import StreamConfig
-    from sae_toolkit.training.distributed import init_distributed
-    from sae_toolkit.training.sweep import sweep_configs, train_sweep
-
-    stream = None if args.acts else StreamConfig(
-        model=args.model, dataset=args.dataset, hookpoints=args.hookpoint, split=args.split,
-        text_column=args.text_column, context_size=args.context_size, forward_batch=args.model_batch_size,
-        buffer_tokens=args.buffer_tokens)
-    configs = sweep_configs(base, hookpoints=list(dict.fromkeys(args.hookpoint)), archs=args.arch,
-                            expansions=args.expansion, ks=args.k)
-    ctx = init_distributed(args.device)
-    try:
-        root = train_sweep(configs, stream=stream, ctx=ctx, distribute_modules=args.distribute_modules)
-        # every rank is done with its collectives before any rank tears the group down: a rank that destroyed it
-        # while another was still in its last all-reduce aborted now and then (gloo, 2 processes on CPU)
-        ctx.barrier()
-    finally:
-        if ctx.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if ctx.is_main:
-        where = "" if len(configs) == 1 else f" ({len(configs)} runs: {', '.join(Path(c.out).name for c in configs)})"
-        print(f"wrote run to {root}{where}")
-    return True
-
-
-def _cmd_analyze(args: argparse.Namespace) -> None:
-    from sae_toolkit.analysis.report import build_report
-
-    out = build_report(
-        args.path,
-        acts=args.acts,
-        out=args.out,
-        model=args.model,
-        tokens=args.tokens,
-        top_k=args.top_k,
-        device=args.device,
-        seq_range=args.seqs,
-        ce_windows=args.ce_windows,
-        force=args.force,
-        allow_mismatch=args.allow_mismatch,
-        outlier_multiple=args.outlier_multiple,
-        exclude_first_positions=args.exclude_first_positions,
-        effects=args.effects,
-        effect_examples=args.effect_examples,
-    )
-    print(f"wrote report to {out} (open {out / 'report.html'})")
-
-
 def _cmd_export(args: argparse.Namespace) -> None:
     from sae_toolkit.sae import export_saelens
 
@@ -238,27 +92,6 @@ def _latent_value(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"cannot read {text!r}: write FEATURE=VALUE, e.g. 123=8") from None
 
 
-def _cmd_steer(args: argparse.Namespace) -> None:
-    from sae_toolkit.analysis.steering import generate, side_by_side
-    from sae_toolkit.model.loading import load_model
-    from sae_toolkit.sae import SAE
-    from sae_toolkit.units import resolve_device
-
-    if not args.feature and not args.scale:
-        raise SAEToolkitError("nothing to steer: give --feature I=V (0 ablates) or --scale I=FACTOR")
-    device = resolve_device(args.device)
-    sae = SAE.load(args.sae_dir, device=device)
-    model, tok = load_model(args.model, device=device)
-    features, scale = dict(args.feature or []), dict(args.scale or [])
-    out = generate(model, tok, sae, args.prompt, features, scale=scale, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed)
-    edits = [f"{i}={v:g}" for i, v in features.items()] + [f"{i}*={v:g}" for i, v in scale.items()]
-    mode = "greedy" if args.temperature == 0 else f"sampled, temperature {args.temperature:g}, seed {args.seed}"
-    print(f"prompt: {args.prompt!r}")
-    print(f"steering {sae.cfg.hookpoint}: {', '.join(edits)} at every position; {args.max_new_tokens} tokens, {mode}")
-    print(side_by_side(out.baseline, out.steered))
-
-
 def _feature_list(text: str) -> list[int]:
     """`1,5,10-12` → [1, 5, 10, 11, 12]."""
     out: list[int] = []
@@ -269,26 +102,6 @@ def _feature_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"cannot read feature list {text!r}: write e.g. 3,17,40-45") from None
     return out
-
-
-def _cmd_explain(args: argparse.Namespace) -> None:
-    from sae_toolkit.analysis.explainers import make_explainer
-    from sae_toolkit.analysis.explanations import explain_report
-    from sae_toolkit.units import resolve_device
-
-    explainer = make_explainer(args.explainer, api_key_env=args.api_key_env, model=args.explainer_model,
-                               device=resolve_device(args.device))
-    path = explain_report(args.report_dir, explainer, features=args.features, n_features=args.n_features,
-                          seed=args.seed)
-    from sae_toolkit.analysis.report import load_explanations
-
-    rows = load_explanations(path.parent)
-    for i in args.features or sorted(rows):
-        r = rows.get(i)
-        if r is not None:
-            ba = r["detection"].get("balanced_accuracy")
-            print(f"feature {i:>6}  detection {'n/a' if ba is None else f'{ba:.2f}'}  {r['explanation']}")
-    print(f"wrote {path} and updated {path.parent / 'report.html'}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -323,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--out", required=True, help="output .h5 file")
     c.add_argument("--resume", action="store_true", help="continue an interrupted file")
-    c.set_defaults(func=_cmd_cache)
+    c.set_defaults(func=cache_command)
 
     i = sub.add_parser("info", help="describe an activation file")
     i.add_argument("file")
-    i.set_defaults(func=_cmd_info)
+    i.set_defaults(func=info_command)
 
     t = sub.add_parser("train", help="train SAEs on cached activations or straight from a model")
     t.add_argument("acts", nargs="?", default=None, help="activation .h5 file (or --model and --dataset)")
@@ -376,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss + backward as one graph (slow first step; for GPU runs)")
     _outlier_flags(t)
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=train_command)
 
     a = sub.add_parser("analyze", help="metrics, top activations and an HTML dashboard for an SAE")
     a.add_argument("path", help="training RUN_DIR or SAE directory")
@@ -395,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="also replace a report an older sae-toolkit wrote")
     a.add_argument("--allow-mismatch", action="store_true",
                    help="analyze even if the SAE's model/hookpoint differ from the activations' or --model")
-    a.set_defaults(func=_cmd_analyze)
+    a.set_defaults(func=analyze_command)
 
     e = sub.add_parser("export", help="convert an SAE directory for another tool")
     e.add_argument("sae_dir")
@@ -424,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (both continuations use it)")
     s.add_argument("--device", default="auto")
-    s.set_defaults(func=_cmd_steer)
+    s.set_defaults(func=steer_command)
 
     x = sub.add_parser("explain", help="explain report features with a chat model and score them by detection")
     x.add_argument("report_dir", help="report directory written by analyze")
@@ -436,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--n-features", type=int, default=20, help="size of the seeded random sample of features")
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--device", default="auto", help="device of a local explainer model")
-    x.set_defaults(func=_cmd_explain)
+    x.set_defaults(func=explain_command)
 
     d = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M and the Python docs, offline")
     d.add_argument("--out", default="demo_out")

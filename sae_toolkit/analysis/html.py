@@ -280,5 +280,5 @@ def finite(v: float | None, digits: int = 4) -> float | None:
 
 
 def render(data: dict) -> str:
-    """The page for `data` = {meta, cards, plots, vocab, features, examples, lens} (see report.py)."""
+    """The page for `data` = {meta, cards, plots, vocab, features, examples, lens} (see page.py)."""
     return _PAGE.replace("__DATA__", embed_json(data))

@@ -1,5 +1,6 @@
 """The report directory of `sae-toolkit analyze`: metrics.json, features.parquet/csv, top_activations.jsonl,
 report.html (offline dashboard), plots/*.png and exports/ for SAEBench and Neuronpedia — and `load_report`.
+The page's data comes from page.py, its plots from plots.py, the page itself from html.py.
 
     >>> out = build_report("run", acts="acts.h5", out="report")  # doctest: +SKIP
     >>> rep = load_report(out); rep.features.sort_values("density").tail()  # doctest: +SKIP
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from sae_toolkit import __version__
@@ -34,15 +34,14 @@ from sae_toolkit.analysis.evaluation import (
     weight_stats,
 )
 from sae_toolkit.analysis.metrics import density_histogram
+from sae_toolkit.analysis.page import page_data
+from sae_toolkit.analysis.plots import write_plots
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import atomic_dir, check_out_dir, only_names
 from sae_toolkit.units import resolve_device
 
 EXPLANATIONS_NAME = "explanations.jsonl"
 """Written by `sae-toolkit explain` (explanations.py) into the report directory; the page shows it."""
-
-_HTML_EXAMPLE_LINES = 200_000
-"""Example lines report.html embeds at most (about 40 MB of page); see `_page_data`."""
 
 MAX_TOP_K = 1000
 """Most top examples per latent `analyze` keeps: the scan's cost grows with k for every latent (the issue measured
@@ -238,8 +237,8 @@ def _write_page(out: Path, metrics: dict, table, records: list[dict], run_dir: P
                 html_examples: int) -> None:
     from sae_toolkit.analysis.html import render
 
-    plots = _plots(out / "plots", metrics, table, run_dir)
-    data = _page_data(metrics, table, records, plots, html_examples)
+    plots = write_plots(out / "plots", metrics, table, run_dir)
+    data = page_data(metrics, table, records, plots, html_examples)
     data["explanations"] = {i: [r.get("explanation", ""), (r.get("detection") or {}).get("balanced_accuracy")]
                             for i, r in load_explanations(out).items()}
     page = render(data)
@@ -359,191 +358,3 @@ def _round_examples(rec: dict) -> None:
     for ex in rec["examples"] + rec["interval_examples"]:
         ex["values"] = [float(f"{v:.6g}") for v in ex["values"]]
         ex["activation"] = float(f"{ex['activation']:.6g}")
-
-
-def _plots(folder: Path, metrics: dict, table, run_dir: Path | None) -> dict[str, bytes]:
-    """plots/*.png; returns name → PNG bytes for the page. Skipped (empty) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return {}
-    import io
-
-    pngs: dict[str, bytes] = {}
-
-    def save(name: str, fig) -> None:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-        plt.close(fig)
-        pngs[name] = buf.getvalue()
-        (folder / f"{name}.png").write_bytes(pngs[name])
-
-    hist = metrics["density_histogram"]
-    fig, ax = plt.subplots(figsize=(4.2, 2.7))
-    edges = hist["log10_edges"]
-    ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge", color="#0b6bcb")
-    ax.set(xlabel="log10(density + 1e-10)", ylabel="latents",
-           title=f"Latent density ({metrics['dead_fraction']:.1%} dead)")
-    save("density_histogram", fig)
-
-    l0 = metrics["l0_histogram"]["counts"]
-    fig, ax = plt.subplots(figsize=(4.2, 2.7))
-    ax.bar(range(len(l0)), l0, width=1.0, color="#1a7f37")
-    ax.set(xlabel="active latents per token", ylabel="tokens", title=f"L0 (mean {metrics['l0']:.1f})")
-    save("l0_histogram", fig)
-
-    alive = table[table["density"] > 0]
-    if len(alive):
-        fig, ax = plt.subplots(figsize=(4.2, 2.7))
-        ax.scatter(np.log10(alive["density"]), alive["max_activation"], s=4, alpha=0.5, color="#8250df")
-        ax.set(xlabel="log10 density", ylabel="max activation", title="Alive latents")
-        save("density_vs_max", fig)
-
-    curves = _training_curves(run_dir)
-    if curves:
-        keys = [k for k in ("loss", "fvu", "l0", "dead_fraction") if k in curves]
-        fig, axes = plt.subplots(1, len(keys), figsize=(2.1 * len(keys), 2.7), squeeze=False)
-        x_key = "tokens" if "tokens" in curves else "step"
-        scale = 1e6 if max(v for v in curves[x_key] if v is not None) >= 1e5 else 1.0
-        for ax, k in zip(axes[0], keys):
-            xs, ys = zip(*[(x / scale, y) for x, y in zip(curves[x_key], curves[k]) if x is not None and y is not None])
-            ax.plot(xs, ys, color="#cf222e")
-            ax.set(xlabel=f"training {x_key}" + (" (M)" if scale > 1 else ""), title=k)
-            ax.tick_params(labelsize=7)
-            if k in ("loss", "fvu") and min(ys) > 0:
-                ax.set_yscale("log")
-        fig.tight_layout()
-        save("training_curves", fig)
-    return pngs
-
-
-def _training_curves(run_dir: Path | None) -> dict[str, list]:
-    """metrics.jsonl of a training run as columns (missing values None); {} without one."""
-    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
-        return {}
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line
-        if isinstance(row, dict):
-            rows.append(row)
-    keys = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
-    if not rows or not ({"tokens", "step"} & keys):
-        return {}
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def _page_data(metrics: dict, table, records: list[dict], plots: dict[str, bytes], html_examples: int) -> dict:
-    """What report.html embeds: token strings interned in one vocab list to keep the page small."""
-    from sae_toolkit.analysis.html import finite, png_data_uri
-
-    vocab: dict[str, int] = {}
-
-    def tid(s: str) -> int:
-        return vocab.setdefault(s, len(vocab))
-
-    def ex_row(e: dict) -> list:
-        return [finite(e["activation"]), e["seq"], e["peak"], [tid(t) for t in e["tokens"]],
-                [finite(v, 3) or 0 for v in e["values"]]]
-
-    features, examples, lens_data, effects_data = [], {}, {}, {}
-    # The page holds every alive latent's examples; past ~200k example lines a browser struggles, so large
-    # dictionaries show fewer per latent (the full lists stay in top_activations.jsonl).
-    alive = sum(1 for r in records if r["examples"])
-    per_latent = max(3, min(html_examples, _HTML_EXAMPLE_LINES // max(1, alive)))
-    cols = table[["feature", "density", "mean_activation", "max_activation", "enc_dec_cos", "nearest_feature",
-                  "nearest_cos"]].to_numpy()
-    for row, rec in zip(cols, records):
-        i = int(row[0])
-        peak = rec["examples"][0]["tokens"][rec["examples"][0]["peak"]] if rec["examples"] else ""
-        features.append([i, finite(row[1], 5) or 0, finite(row[2]) or 0, finite(row[3]) or 0,
-                         finite(row[4]) or 0, int(row[5]), finite(row[6]) or 0, tid(peak),
-                         1 if rec.get("sink") else 0])
-        if rec["examples"]:
-            examples[i] = {"top": [ex_row(e) for e in rec["examples"][:per_latent]],
-                           "intervals": [ex_row(e) for e in _one_per_interval(rec["interval_examples"])]}
-        if "logit_pos" in rec:
-            lens_data[i] = {"pos": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_pos"]],
-                            "neg": [[tid(p["token"]), finite(p["value"])] for p in rec["logit_neg"]]}
-        if "ablation_falls" in rec:
-            effects_data[i] = {"falls": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_falls"]],
-                               "rises": [[tid(p["token"]), finite(p["value"])] for p in rec["ablation_rises"]],
-                               "n": rec["ablation_examples"]}
-    m = metrics
-    pct = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.1%}"
-    num = lambda v, d=3: "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
-    sig = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
-    cards = [("explained variance", num(m["explained_variance"])), ("FVU", num(m["fvu"])), ("L0", num(m["l0"], 1)),
-             ("dead latents", pct(m["dead_fraction"])), ("MSE", sig(m["mse"])),
-             ("cosine sim", num(m["cosine_sim"])), ("L2 ratio", num(m["l2_ratio"]))]
-    if "ce_clean" in m:
-        cards += [("CE loss recovered (vs zero ablation)", num(m["ce_loss_recovered"])),
-                  ("CE loss recovered (vs mean ablation)", num(m.get("ce_loss_recovered_mean"))),
-                  ("Δ CE (nats)", num(m["delta_ce"])),
-                  ("KL(clean‖SAE)", num(m["kl_sae"])), ("CE clean", num(m["ce_clean"]))]
-    cards.append(("tokens evaluated", f"{m['tokens_evaluated']:,}"))
-    massive, sinks = m.get("massive_tokens"), m.get("sink_latents")
-    if massive:
-        cards.append(("massive-activation tokens (kept in the metrics)",
-                      f"{massive['count']:,} ({pct(massive['fraction'])}, {pct(massive['variance_share'])} of the "
-                      f"variance; EV without them {num(massive['explained_variance_without'])})"))
-    if sinks:
-        cards.append(("sink latents (peak on massive tokens; hidden from the default list)", f"{sinks['count']:,}"))
-    if m.get("excluded_positions"):
-        cards.append(("massive-activation positions excluded",
-                      f"{', '.join(map(str, m['excluded_positions']))} "
-                      f"({m['excluded_tokens']['outlier_positions']:,} tokens)"))
-    title = f"SAE report — {m['hookpoint']}" + (f" of {m['model']}" if m["model"] else "")
-    k = f", k={m['k']}" if m.get("k") else ""
-    kind = "SAE"
-    if m.get("target"):  # transcoders: say what is read and what is written
-        kind = "skip transcoder" if m.get("skip") else "transcoder"
-        title = f"{kind.capitalize()} report — reads {m['hookpoint']}, writes {m['target']}" + (
-            f" of {m['model']}" if m["model"] else "")
-        k += f", d_out={m['d_out']}"
-    subtitle = (f"{m['arch']} {kind}, d_in={m['d_in']}, d_sae={m['d_sae']}{k} · dataset {m['dataset'] or '?'} · "
-                f"{m['seqs_evaluated']} windows of {m['context_size']} tokens · sae-toolkit {__version__}")
-    return {
-        "meta": {"title": title, "subtitle": subtitle, "notes": " · ".join(m["notes"]),
-                 "sink_rule": (f"{sinks['rule']} (massive: {massive['rule']})" if sinks and massive else ""),
-                 "lens_note": m["logit_lens"] or "", "default_feature": _default_feature(records)},
-        "cards": cards,
-        "plots": [[name, png_data_uri(png)] for name, png in plots.items()],
-        "vocab": list(vocab),
-        "features": features,
-        "examples": examples,
-        "lens": lens_data,
-        "effects": effects_data,
-    }
-
-
-def _one_per_interval(examples: list[dict]) -> list[dict]:
-    seen, out = set(), []
-    for e in examples:  # sorted by activation, so each interval's strongest sample is kept
-        key = tuple(e["interval"])
-        if key not in seen:
-            seen.add(key)
-            out.append(e)
-    return out
-
-
-def _default_feature(records: list[dict]) -> int | None:
-    """The feature shown first: the one whose top examples most agree on their peak token (an easy one to name),
-    ties broken by max activation, sink latents aside; the first feature when none has enough examples."""
-    best, best_key = None, None
-    for rec in records:
-        if rec.get("sink"):
-            continue
-        peaks = [e["tokens"][e["peak"]].strip() for e in rec["examples"]]
-        if len(peaks) < 3:
-            continue
-        share = max(peaks.count(p) for p in set(peaks)) / len(peaks)
-        key = (share, rec["max_activation"])
-        if best_key is None or key > best_key:
-            best, best_key = rec["feature"], key
-    return best if best is not None else (records[0]["feature"] if records else None)
