@@ -89,10 +89,7 @@ class SAE(nn.Module, ABC):
         # A transcoder whose input and output widths differ cannot start its encoder as the decoder transpose;
         # it gets its own random unit columns. Equal widths keep the transpose start.
         W_enc = W_dec.T if cfg.d_out == cfg.d_in else _unit_columns(cfg.d_in, cfg.d_sae, device)
-        # W_enc [d_in, d_sae] is stored latent-major (its transpose is contiguous: nn.Linear's [out, in]): the sparse
-        # kernels sum ∂W_enc per latent, [d_sae, d_in], and hand it over as a free transpose view instead of a
-        # transposed copy (3 ms of a 77 ms CPU TopK step), and a latent's encoder column is one contiguous row.
-        self.W_enc = nn.Parameter(kernels.latent_major(W_enc.to(dtype)))
+        self.W_enc = nn.Parameter(W_enc.contiguous().to(dtype))  # a copy: W_dec.T is not contiguous
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(W_dec.to(dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, device=device, dtype=dtype))

@@ -57,9 +57,14 @@ class _GatedTanhStep(Function):
         sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, x_sum, n_lt = ctx.saved_tensors
         n_rows, d_sae, c, eps = sae_in.shape[0], b_enc.shape[0], ctx.c, ctx.eps
         g_dec = g_dec.contiguous()
-        s_rows, s_cols, s_z = rows.index_select(0, s), cols.index_select(0, s), z.index_select(0, s)
+        # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
+        t_s = kernels.transposed(kernels.SparseActs(f, rows.index_select(0, s), cols.index_select(0, s), n_rows), d_sae)
+        s_o = s.index_select(0, t_s.order)  # positions in U
+        cols_o, z_o = cols.index_select(0, s_o), z.index_select(0, s_o)
+        f_o, t_o, mag_o = (v.index_select(0, t_s.order) for v in (f, t, mag))
         # ∂L/∂f on S: the reconstruction's g·W_dec,i plus the tanh term's g_pen·c·sech²
-        dldf = kernels.gather_dot(g_dec, W_dec, s_rows, s_cols).to(z.dtype) + (g_pen * c) * (1 - t * t)
+        dldf = (kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
+                + (g_pen * c) * (1 - t_o * t_o))
         # the gate's estimator over its band: ∂L/∂H = ∂L/∂f·ReLU(π_mag); below the gate (f = 0, sech² = 1) only as
         # per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of g's rows) + g_pen·c·Σ_b ReLU(π_mag)
         below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
@@ -71,22 +76,21 @@ class _GatedTanhStep(Function):
                                  kernels.row_offsets(l_cols.index_select(0, order), d_sae),
                                  l_w.index_select(0, order))  # [d_sae, d_out]
         w_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w)
-        band_s = s_z < eps / 2
-        band_sum = ((W_dec * g_band).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum).index_add_(
-            0, s_cols[band_s], (dldf * mag.relu())[band_s])
-        dm = dldf * (f > 0)  # ∂L/∂π_mag on S: f = ReLU(π_mag) where the gate is open
-        e_s = e_r.index_select(0, s_cols)
-        grad_r = torch.zeros_like(e_r).index_add_(0, s_cols, dm * (s_z - b_enc.index_select(0, s_cols)) * e_s)
-        grad_b_mag = torch.zeros_like(b_mag).index_add_(0, s_cols, dm)
+        band_o = z_o < eps / 2
+        band_sum = (g_band.mul_(W_dec).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum).index_add_(
+            0, cols_o[band_o], (dldf * mag_o.relu())[band_o])
+        dm = dldf * (f_o > 0)  # ∂L/∂π_mag on S: f = ReLU(π_mag) where the gate is open
+        e_o = e_r.index_select(0, cols_o)
+        grad_r = torch.zeros_like(e_r).index_add_(0, cols_o, dm * (z_o - b_enc.index_select(0, cols_o)) * e_o)
+        grad_b_mag = torch.zeros_like(b_mag).index_add_(0, cols_o, dm)
         grad_b_enc = band_sum / eps - g_pre * n_lt  # π_mag's (π − b_gate) leaves b_gate no gradient
-        t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
-        dpi = dm * e_s  # ∂π on S from π_mag; the pre-activation term adds g_pre on S and −g_pre everywhere
-        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, (dpi + g_pre).index_select(0, t_s.order))
-        grad_W_enc = kernels.in_layout(bag, W_enc).addr_(x_sum.to(W_enc.dtype), torch.ones_like(b_enc), alpha=-g_pre)
+        dpi = dm * e_o  # ∂π on S from π_mag; the pre-activation term adds g_pre on S and −g_pre everywhere
+        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, dpi + g_pre)
+        grad_W_enc = kernels.in_layout(bag, W_enc, x_sum.to(W_enc.dtype), torch.ones_like(b_enc), alpha=-g_pre)
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[4]:  # x̃ = x − b_dec: −W_enc Σ_b ∂π_b
-            grad_b_dec = -((torch.zeros_like(b_enc).index_add_(0, s_cols, dpi) - g_pre * n_lt) @ W_enc.t())
-        grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f.index_select(0, t_s.order))
+            grad_b_dec = -((torch.zeros_like(b_enc).index_add_(0, cols_o, dpi) - g_pre * n_lt) @ W_enc.t())
+        grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f_o)
         return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None)
 
 

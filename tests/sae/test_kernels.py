@@ -225,6 +225,22 @@ def test_gather_dot_branches_and_row_blocks_agree(k, monkeypatch):
         torch.testing.assert_close(got, want_bf16 if name == "fused_bf16_W" else want, msg=name)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_gather_dot_by_column_matches_dense_products(fused, monkeypatch):
+    """Dot products of entries in column order (rows then out of order) equal the dense g Wᵀ at those entries, on
+    the fused kernel and on the chunked gathers."""
+    monkeypatch.setattr(kernels, "_fused_gather_dot", lambda t: fused)
+    g_ = torch.Generator().manual_seed(5)
+    g, W = torch.randn(13, 7, generator=g_, dtype=torch.float64), torch.randn(20, 7, generator=g_, dtype=torch.float64)
+    flat = torch.randperm(13 * 20, generator=g_)[:60].sort().values
+    code = kernels.SparseActs(torch.ones(60, dtype=torch.float64), flat // 20, flat % 20, 13)
+    t = kernels.transposed(code, 20)
+    cols_t = code.cols[t.order]
+    assert bool((cols_t[1:] >= cols_t[:-1]).all()) and not bool((t.rows[1:] >= t.rows[:-1]).all())
+    got = kernels.gather_dot_by_column(g, W, t.rows, cols_t)
+    torch.testing.assert_close(got, (g @ W.T)[t.rows, cols_t])
+
+
 def test_shared_transpose_gives_the_same_gradients():
     x, W_enc, b_enc, W_dec = _random_problem(n=11, d_sae=20, seed=6)
     with torch.no_grad():
