@@ -165,6 +165,27 @@ def test_auxk_gradient_reaches_dead_encoder_columns(arch):
     assert torch.all(got["W_enc"][:, alive] == 0) and torch.all(got["W_dec"][alive] == 0)
 
 
+@pytest.mark.parametrize("k_aux", [2, 40], ids=["top_k_aux_chosen", "all_positives_kept"])
+def test_auxk_keeps_the_top_k_aux_or_every_positive(k_aux, monkeypatch):
+    """AuxK's dead block matches the reference whether a token has more positive dead pre-activations than k_aux
+    (its top k_aux are chosen) or at most k_aux (every positive one is kept, and the top-k is skipped)."""
+    sae = randomized("topk", seed=4, k_aux=k_aux)
+    x = torch.randn(24, sae.cfg.d_in)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    positives = int((sae.pre_acts(x).detach()[:, dead] > 0).sum(-1).max())
+    assert (positives > k_aux) == (k_aux == 2)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "topk", _counting(torch.Tensor.topk, calls))
+    out = sae.training_loss(x, dead_mask=dead)
+    assert len(calls) == (2 if k_aux == 2 else 1)  # the main TopK, then AuxK's unless skipped
+    ref = topk_loss_ref(sae, x, dead)
+    torch.testing.assert_close(out.parts["auxk"], ref["auxk"])
+    got, want = grads_of(sae, out.loss), grads_of(sae, sum(ref.values()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=f"gradient of {name}")
+
+
 def test_auxk_is_zero_without_dead_latents():
     sae = randomized("topk")
     x = torch.randn(8, sae.cfg.d_in)
@@ -532,9 +553,9 @@ def test_fused_jumprelu_step_only_when_few_pre_acts_reach_the_band(monkeypatch):
 
 
 def _counting(fn, calls):
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         calls.append(1)
-        return fn(*args)
+        return fn(*args, **kwargs)
     return wrapped
 
 
