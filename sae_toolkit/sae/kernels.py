@@ -8,52 +8,36 @@ nnz = batch·k entries:
   per-latent sum and ∂b_dec (through x − b_dec) the matvec −W_enc ∂b_enc.
 The encoder forward stays dense (every pre-activation is needed to pick the top k). All sums run through
 `F.embedding_bag(mode="sum", per_sample_weights=...)`, a fused gather-scale-sum on CPU and CUDA that never
-materialises the [nnz, d_in] gather (one reduction per bag, no atomic adds).
+materialises the [nnz, d_in] gather (one reduction per bag, no atomic adds). The codes themselves (which entries,
+their column-sorted view) live in `codes`, re-exported here.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-
-class SparseActs(NamedTuple):
-    """COO form of a sparse [n_rows, d_sae] activation matrix; entries sorted by row."""
-
-    vals: Tensor
-    """[nnz] values (may require grad)."""
-
-    rows: Tensor
-    """[nnz] int64 row (token) of each value, non-decreasing."""
-
-    cols: Tensor
-    """[nnz] int64 latent of each value."""
-
-    n_rows: int
-    """Number of rows (tokens) of the dense matrix."""
-
-    k: int | None = None
-    """Entries per row when every row has exactly k (TopK); enables the faster batched kernels. None: any."""
-
-    def to_dense(self, d_sae: int) -> Tensor:
-        """[n_rows, d_sae] dense matrix (differentiable in vals)."""
-        out = self.vals.new_zeros(self.n_rows, d_sae)
-        return out.index_put((self.rows, self.cols), self.vals, accumulate=True)
-
-
-def host_syncs_ok(t: Tensor) -> bool:
-    """Whether a loss may read tensor values on the host (data-dependent shapes, early exits, density checks).
-
-    Only in eager CPU code, where a "sync" costs nothing; on a GPU it would stall the launch queue and under
-    torch.compile it would break the graph. Tests monkeypatch this to run the static (GPU) paths on CPU.
-    """
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
+from sae_toolkit.sae.codes import (  # noqa: F401  (re-exported: callers use kernels.<name>)
+    _SAMPLE,
+    SparseActs,
+    Transposed,
+    _argsort_stable,
+    _eager_cpu,
+    _flat_topk_candidates,
+    _offsets,
+    _sorted,
+    _transpose_bags,
+    argsort_keys,
+    batch_topk_code,
+    flat_nonzero,
+    host_syncs_ok,
+    positive_code,
+    row_offsets,
+    topk_code,
+    transposed,
+)
 
 SPARSE_MAX_DENSITY = 0.05
 """The ReLU step and the adaptive kernels (`adaptive_decode`, `dense_pre_acts`' backward) switch to sparse bag
@@ -72,85 +56,9 @@ def _sparse_support(t: Tensor) -> SparseActs | None:
     return positive_code(t, mask)
 
 
-def flat_nonzero(mask: Tensor) -> Tensor:
-    """[nnz] int64 flat (row-major) indices of the True entries of a bool mask. Eager CPU: numpy's single-threaded
-    flatnonzero (5 ms for 4.7M entries against torch's 7-20 ms two-pass parallel nonzero on the 2-core machine)."""
-    if _eager_cpu(mask) and mask.is_contiguous():
-        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
-    return mask.reshape(-1).nonzero().squeeze(1)
-
-
-def positive_code(pre: Tensor, mask: Tensor | None = None) -> SparseActs:
-    """[batch, d_sae] pre-activations → their positive entries (ReLU's support), sorted by row. Host sync.
-    mask: `pre > 0` when the caller already has it."""
-    d_sae = pre.shape[1]
-    flat = flat_nonzero(pre > 0 if mask is None else mask)  # row-major: sorted by row
-    # 1-d index_select on the flat view: several times faster on CPU than 2-d advanced indexing
-    return SparseActs(pre.reshape(-1).index_select(0, flat), flat // d_sae, flat % d_sae, pre.shape[0])
-
-
-def topk_code(pre: Tensor, k: int) -> SparseActs:
-    """[batch, d_sae] pre-activations → the k largest per row (values unchanged, sorted descending per row)."""
-    vals, idx = pre.topk(k, dim=-1, sorted=True)  # [batch, k]
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return SparseActs(vals.reshape(-1), rows, idx.reshape(-1), pre.shape[0], k)
-
-
-def batch_topk_code(pre: Tensor, k: int) -> SparseActs:
-    """[batch, d_sae] pre-activations → the k·batch largest over the whole batch (BatchTopK), sorted by row."""
-    n, d_sae = pre.shape
-    flat = pre.reshape(-1)
-    n_keep = min(k * n, flat.numel())
-    idx = _flat_topk_candidates(flat, n_keep) if host_syncs_ok(pre) else None
-    if idx is None:
-        idx = flat.topk(n_keep, sorted=False).indices
-    idx = _sorted(idx)  # row-major order = sorted by row
-    return SparseActs(flat[idx], idx // d_sae, idx % d_sae, n)
-
-
-_SAMPLE = 1 << 16
-"""Strided sample of the flat pre-activations from which `_flat_topk_candidates` sets its lower bound."""
-
-
-def _flat_topk_candidates(flat: Tensor, n_keep: int) -> Tensor | None:
-    """Indices of the n_keep largest entries of `flat` (exact, any order), or None when the shortcut does not apply.
-
-    One top-k over millions of entries is single-threaded on CPU (68 ms for 32k of 4.7M): instead a lower bound
-    L is read off a strided sample (the value above which twice the kept fraction of the sample lies), the
-    entries ≥ L are gathered (≈ 2·n_keep of them) and the exact top n_keep taken among those (5.6 ms). Exact
-    whenever at least n_keep entries are ≥ L, which is checked; otherwise None (caller falls back). Host syncs:
-    eager CPU only.
-    """
-    step = flat.numel() // _SAMPLE
-    if step < 4:  # small batches: the plain top-k is already cheap
-        return None
-    sample = flat[::step]
-    r = min(sample.numel(), 2 * n_keep * sample.numel() // flat.numel() + 1)
-    bound = sample.topk(r, sorted=False).values.min()
-    cand = flat_nonzero(flat >= bound)
-    if cand.numel() < n_keep:
-        return None
-    return cand[flat[cand].topk(n_keep, sorted=False).indices]
-
-
-def _offsets(keys: Tensor, n: int) -> Tensor:
-    """Start of each of n bags in the non-decreasing int64 `keys` (empty bags allowed)."""
-    return torch.searchsorted(keys, torch.arange(n, device=keys.device, dtype=keys.dtype))
-
-
 def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
     """out[b] = Σ_{n in bag b} weights[n] · table[idx[n]]  → [n_bags, table.shape[1]]."""
     return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
-
-
-def _transpose_bags(rows: Tensor, cols: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Re-sort COO entries by column: (order, rows in that order, offsets of each column's bag)."""
-    order = _argsort_stable(cols, n_cols)
-    return order, rows[order], _offsets(cols[order], n_cols)
-
-
-def _eager_cpu(t: Tensor) -> bool:
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def in_layout(grad_t: Tensor, W: Tensor, u: Tensor | None = None, v: Tensor | None = None,
@@ -170,44 +78,6 @@ def encoder_grad(sae_in: Tensor, g: Tensor, W_enc: Tensor) -> Tensor:
     if W_enc.t().is_contiguous():
         return (g.t() @ sae_in.to(g.dtype)).t()
     return sae_in.to(g.dtype).t() @ g
-
-
-def _argsort_stable(keys: Tensor, n_keys: int) -> Tensor:
-    """Stable argsort of int64 keys in [0, n_keys).
-
-    Eager CPU: numpy, single-threaded — a radix sort for 16-bit keys. torch's parallel CPU sort of the 32k keys of
-    a TopK step took 270-550 ms on a busy 2-core machine (13 ms on one thread) against 0.13 ms here.
-    """
-    if _eager_cpu(keys):
-        a = keys.numpy()
-        return torch.from_numpy(np.argsort(a.astype(np.uint16) if n_keys <= 1 << 16 else a, kind="stable"))
-    return keys.argsort(stable=True)
-
-
-def _sorted(keys: Tensor) -> Tensor:
-    """int64 keys sorted ascending (single-threaded numpy on eager CPU, see `_argsort_stable`)."""
-    if _eager_cpu(keys):
-        return torch.from_numpy(np.sort(keys.numpy()))
-    return keys.sort().values
-
-
-class Transposed(NamedTuple):
-    """A SparseActs' entries grouped by column (latent): what ∂W_enc, ∂b_enc and ∂W_dec sum over."""
-
-    order: Tensor
-    """[nnz] int64 permutation that sorts the entries by column (stable: rows stay ascending within a column)."""
-
-    rows: Tensor
-    """[nnz] int64 rows in that order."""
-
-    offsets: Tensor
-    """[n_cols] int64 start of each column's entries in that order."""
-
-
-def transposed(code: SparseActs, n_cols: int) -> Transposed:
-    """The column-sorted view of `code` that both sparse backwards need; compute it once per code and pass it to
-    `sparse_pre_acts` and `sparse_decode` (one sort per step instead of two)."""
-    return Transposed(*_transpose_bags(code.rows, code.cols, n_cols))
 
 
 def _fused_gather_dot(t: Tensor) -> bool:
@@ -467,16 +337,6 @@ def gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 def bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
     """[n_bags, table.shape[1]]: out[b] = Σ_{n in bag b} weights[n]·table[idx[n]], bag b starting at offsets[b]."""
     return _bag_sum(table, idx, offsets, weights)
-
-
-def argsort_keys(keys: Tensor, n_keys: int) -> Tensor:
-    """Stable argsort of int64 keys in [0, n_keys) (single-threaded numpy radix sort on eager CPU)."""
-    return _argsort_stable(keys, n_keys)
-
-
-def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """[n_rows] start of each row's entries in the non-decreasing int64 `rows` (empty rows allowed)."""
-    return _offsets(rows, n_rows)
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, t: Transposed | None = None) -> Tensor:

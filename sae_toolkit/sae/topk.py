@@ -9,15 +9,8 @@ from torch import Tensor
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.kernels import (
-    SparseActs,
-    Transposed,
-    batch_topk_code,
-    sparse_decode,
-    sparse_pre_acts,
-    topk_code,
-    transposed,
-)
+from sae_toolkit.sae.codes import SparseActs, Transposed, batch_topk_code, topk_code, transposed
+from sae_toolkit.sae.kernels import sparse_decode, sparse_pre_acts
 from sae_toolkit.sae.registry import register
 
 

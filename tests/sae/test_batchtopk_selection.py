@@ -9,7 +9,7 @@ from _sae_helpers import cfg_for
 
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import make_sae
-from sae_toolkit.sae.kernels import batch_topk_code, topk_code
+from sae_toolkit.sae.codes import batch_topk_code, topk_code
 from sae_toolkit.sae.topk import mixed_topk_code
 from sae_toolkit.training.schedules import per_token_share_at
 

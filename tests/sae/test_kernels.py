@@ -4,7 +4,7 @@ import pytest
 import torch
 from _sae_helpers import D_SAE, grads_of, randomized, topk_loss_ref
 
-from sae_toolkit.sae import gated, jumprelu, kernels
+from sae_toolkit.sae import codes, gated, jumprelu, kernels
 from sae_toolkit.sae.kernels import (
     SparseActs,
     batch_topk_code,
@@ -198,7 +198,8 @@ def branches(request, monkeypatch):
     """Run a test with the kernels' and the AuxK loss's CPU choices, then with the ones a GPU takes (forced)."""
     if request.param == "gpu_branches":
         monkeypatch.setattr(kernels, "_fused_gather_dot", lambda t: False)  # chunked row gathers + bmm
-        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)  # static masked AuxK, no early exit
+        for module in (kernels, codes):  # static masked AuxK, no early exit, no host-side shortcuts
+            monkeypatch.setattr(module, "host_syncs_ok", lambda t: False)
     return request.param
 
 
@@ -303,7 +304,8 @@ def test_relu_step_paths_match_dense_reference(path, kw, monkeypatch):
     # forced: "dense" never takes the sparse kernels, "sparse" always does, "gpu" may not sync to decide
     monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", {"dense": -1.0, "sparse": 1.0, "gpu": 1.0}[path])
     if path == "gpu":
-        monkeypatch.setattr(kernels, "host_syncs_ok", lambda t: False)
+        for module in (kernels, codes):
+            monkeypatch.setattr(module, "host_syncs_ok", lambda t: False)
     taken = []
     monkeypatch.setattr(kernels, "positive_code", lambda *a, f=kernels.positive_code: taken.append(1) or f(*a))
     sae = randomized("relu", seed=9, **kw)
@@ -361,7 +363,7 @@ def test_cpu_sorts_match_torch_stable_sort(n_keys):
 def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
     """The sampled lower bound picks exactly the entries of the plain flat top-k, and gives up (None) when the
     bound would keep fewer than k·batch entries."""
-    monkeypatch.setattr(kernels, "_SAMPLE", 256)
+    monkeypatch.setattr(codes, "_SAMPLE", 256)
     g_ = torch.Generator().manual_seed(11)
     pre = torch.randn(64, 300, generator=g_) * torch.rand(64, 1, generator=g_) * 3  # uneven row scales
     n_keep = 5 * 64
