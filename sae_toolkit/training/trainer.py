@@ -1,4 +1,4 @@
-"""The SAE trainer: `train_step` (one Adam update with decoder-norm upkeep), Trainer.fit() and `train_sae`.
+"""The SAE trainer: Trainer.fit() and `train_sae` (one update: `training.step.train_step`, re-exported here).
 
     >>> run_dir = train_sae(TrainConfig(acts="a.h5", hookpoint="mlp_out.6", arch="topk", out="run"))  # doctest: +SKIP
 
@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from sae_toolkit.activations.outliers import describe as describe_positions
 from sae_toolkit.activations.pairs import open_store, split_batch
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import MARKER, only_names, remove_owned, replace_dir, write_marker
-from sae_toolkit.sae import SAE, SAEConfig, TrainOutput, fold_scales_, make_sae
+from sae_toolkit.sae import SAEConfig, TrainOutput, fold_scales_, make_sae
 from sae_toolkit.sae.config import TOPK_FAMILY
 from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
@@ -48,6 +47,7 @@ from sae_toolkit.training.schedules import (
     sparsity_scale_at,
 )
 from sae_toolkit.training.sparsity import L0Controller, controller_gain
+from sae_toolkit.training.step import param_groups, train_step
 from sae_toolkit.units import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
@@ -64,47 +64,6 @@ _CALIBRATION_SEED = 7_919
 
 _RUN_LEGACY = only_names(_RUN_FILES, lambda d: (d / "train_config.json").is_file())
 """A run folder an older sae-toolkit wrote (no ownership marker): --force may replace it."""
-
-
-def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float | None = None,
-               dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0, autocast: bool = False,
-               max_grad_norm: float | None = None, loss_fn: Callable[..., TrainOutput] | None = None,
-               target: torch.Tensor | None = None) -> TrainOutput:
-    """One Adam update on batch x [batch, d_in] (a transcoder: predicting target [batch, d_out]); returns the
-    SAE's TrainOutput (computed before the update).
-
-    loss_fn: a compiled `sae.training_loss`, or one behind DistributedDataParallel (default: the eager one).
-    For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
-    rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
-    """
-    if lr is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-    # bf16 autocast runs the matmuls in bf16 while parameters and Adam moments stay fp32 (master weights).
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        kw = {} if target is None else {"target": target}  # archs without transcoder support never see it
-        out = (loss_fn or sae.training_loss)(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale, **kw)
-    out.loss.backward()
-    if sae.unit_norm_decoder:
-        sae.remove_parallel_grad_()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if sae.unit_norm_decoder:
-        sae.normalize_decoder_()
-    return out
-
-
-def param_groups(sae: SAE, steered: bool = False) -> list[dict[str, Any]]:
-    """Adam parameter groups: one, plus, when λ is steered to a target L0, one per parameter the SAE asks to
-    learn faster then (`sae.steering_lr_scales`: the JumpReLU thresholds); a group's lr is the schedule's times
-    its `lr_scale`."""
-    scales = getattr(sae, "steering_lr_scales", {}) if steered else {}
-    named = dict(sae.named_parameters())
-    groups = [{"params": [p for n, p in named.items() if n not in scales], "lr_scale": 1.0}]
-    groups += [{"params": [named[n]], "lr_scale": float(s)} for n, s in scales.items() if n in named]
-    return groups
 
 
 class Trainer:

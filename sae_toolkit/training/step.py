@@ -1,0 +1,52 @@
+"""One training update: `train_step` (the loss, its backward, decoder-norm upkeep around one Adam step) and the
+optimizer's parameter groups (`param_groups`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sae_toolkit.sae import SAE, TrainOutput
+
+
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: float | None = None,
+               dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0, autocast: bool = False,
+               max_grad_norm: float | None = None, loss_fn: Callable[..., TrainOutput] | None = None,
+               target: torch.Tensor | None = None) -> TrainOutput:
+    """One Adam update on batch x [batch, d_in] (a transcoder: predicting target [batch, d_out]); returns the
+    SAE's TrainOutput (computed before the update).
+
+    loss_fn: a compiled `sae.training_loss`, or one behind DistributedDataParallel (default: the eager one).
+    For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
+    rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
+    """
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+    # bf16 autocast runs the matmuls in bf16 while parameters and Adam moments stay fp32 (master weights).
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        kw = {} if target is None else {"target": target}  # archs without transcoder support never see it
+        out = (loss_fn or sae.training_loss)(x, dead_mask=dead_mask, sparsity_scale=sparsity_scale, **kw)
+    out.loss.backward()
+    if sae.unit_norm_decoder:
+        sae.remove_parallel_grad_()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sae.unit_norm_decoder:
+        sae.normalize_decoder_()
+    return out
+
+
+def param_groups(sae: SAE, steered: bool = False) -> list[dict[str, Any]]:
+    """Adam parameter groups: one, plus, when λ is steered to a target L0, one per parameter the SAE asks to
+    learn faster then (`sae.steering_lr_scales`: the JumpReLU thresholds); a group's lr is the schedule's times
+    its `lr_scale`."""
+    scales = getattr(sae, "steering_lr_scales", {}) if steered else {}
+    named = dict(sae.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n not in scales], "lr_scale": 1.0}]
+    groups += [{"params": [named[n]], "lr_scale": float(s)} for n, s in scales.items() if n in named]
+    return groups
