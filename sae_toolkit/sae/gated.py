@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step
+from sae_toolkit.sae.jumprelu import _Step, start_thresholds
 from sae_toolkit.sae.registry import register
 
 
@@ -21,10 +21,10 @@ class GatedSAE(SAE):
 
     With tied weights the gate opens where π_mag > θ = b_mag − exp(r_mag)·b_gate: a Gated SAE is a JumpReLU with
     per-latent thresholds, and by default (cfg.gated_loss="tanh") it trains like one, with the JumpReLU tanh recipe
-        ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ) + λ_P Σᵢ ReLU(−π_gate,i),
+        ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ) + λ_P Σᵢ ReLU(−π_gate,i)   (W_encᵀx̃ detached there: it trains b_gate only),
     the gate's Heaviside H(π_gate) passing a straight-through gradient to b_gate (rectangle kernel of width ε, as
     JumpReLU's threshold; c, ε, λ_P are the jumprelu_* fields; decoder rows have unit norm) and b_gate starting at
-    −jumprelu_init_threshold. gated_loss="l1" is the paper's
+    −jumprelu_init_threshold (under --target-l0 from data, `init_thresholds_`). gated_loss="l1" is the paper's
         ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
     the last term decoding with a detached copy of W_dec and b_dec so only the gate path learns from it; its L1
     trains the shared W_enc like a ReLU SAE's, which on SmolLM2 activations cost it ~0.1 EV against the tanh
@@ -80,7 +80,8 @@ class GatedSAE(SAE):
             parts = {
                 "mse": self._mse(y, x_hat),
                 "l0": cfg.l1_coefficient * sparsity_scale * penalty,
-                "pre_act": cfg.jumprelu_pre_act_coefficient * self._row_sum((-gate).relu()).mean(),
+                # h detached: the term pulls only the gate's threshold −b_gate (as JumpReLU's pulls only θ)
+                "pre_act": cfg.jumprelu_pre_act_coefficient * self._row_sum((-(h.detach() + self.b_enc)).relu()).mean(),
             }
             active = f.detach() > 0
             return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
@@ -96,6 +97,13 @@ class GatedSAE(SAE):
         }
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    @torch.no_grad()
+    def init_thresholds_(self, x: Tensor, rate: float) -> None:
+        """gated_loss="tanh": set b_gate from the sample x [n, d_in] so that every gate starts open on ~rate of the
+        rows (`jumprelu.start_thresholds` of W_encᵀx̃, as JumpReLUSAE.init_thresholds_). No-op for "l1"."""
+        if self.cfg.gated_loss == "tanh":
+            self.b_enc.copy_(-start_thresholds(self._sae_in(x), self.W_enc, None, rate))
 
     def _fold_extra_(self, scale: float) -> None:
         self.b_mag.div_(scale)

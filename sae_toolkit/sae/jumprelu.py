@@ -138,6 +138,26 @@ class _TanhStep(Function):
                 None, None, None)
 
 
+def start_thresholds(sae_in: Tensor, W_enc: Tensor, b_enc: Tensor | None, rate: float, chunk: int = 512) -> Tensor:
+    """[d_sae] thresholds at which each latent of sae_in W_enc + b_enc fires on ~rate of the rows of sae_in [n, d_in]:
+    per latent the (1 − rate) quantile over the rows, capped at the median of those quantiles.
+
+    Why the cap: the latents with the highest quantiles owe them to a few high-norm rows, and at their own
+    quantile they fired only there, learned nothing and stayed dead (SmolLM2 mlp_out.9, L0 16: 21-30 % of the
+    latents dead on held-out rows; capped: < 1 %). Computed in chunks of latents (the whole [n, d_sae] block at
+    once would take n·d_sae floats)."""
+    if not 0.0 < rate < 1.0:
+        raise SAEToolkitError(f"initial firing rate {rate!r} must lie strictly between 0 and 1; lower the target L0")
+    sae_in = sae_in.to(W_enc.dtype)
+    k = min(sae_in.shape[0], max(1, math.ceil((1.0 - rate) * sae_in.shape[0])))
+    out = []
+    for i in range(0, W_enc.shape[1], chunk):
+        h = sae_in @ W_enc[:, i:i + chunk]
+        out.append((h if b_enc is None else h + b_enc[i:i + chunk]).kthvalue(k, dim=0).values)
+    q = torch.cat(out)
+    return q.clamp_max(q.median())
+
+
 @register
 class JumpReLUSAE(SAE):
     """f = JumpReLU_θ(W_encᵀx + b_enc) = π·1[π > θ] (θ > 0 per latent),  x̂ = W_decᵀ f + b_dec.
@@ -145,9 +165,12 @@ class JumpReLUSAE(SAE):
     Loss (cfg.jumprelu_loss="tanh", Anthropic "Circuits Updates – January 2025")
         ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ‖W_dec,i‖) + λ_P Σᵢ ReLU(θᵢ − πᵢ)‖W_dec,i‖,
     a smooth stand-in for L0 whose gradient reaches θ through the JumpReLU's own straight-through estimator, plus
-    a pre-activation term that keeps latents from dying; or (jumprelu_loss="step", the paper) ‖x − x̂‖² + λ‖f‖₀
-    with the L0's gradient through the step function's estimator. Both estimators use a rectangle kernel of
-    bandwidth ε (cfg.jumprelu_bandwidth). θ is trained as log θ (kept positive) and saved both as
+    a pre-activation term that keeps latents from dying. Unlike Anthropic's, π is detached in that term: it pulls
+    only θ down (∂/∂θᵢ = λ_P‖W_dec,i‖·#{b: π_bi < θᵢ}/batch) and never moves W_enc, b_enc or b_dec (attached,
+    its push on every π, i.e. of W_enc towards the mean input, cost held-out EV on SmolLM2, see
+    SAEConfig.jumprelu_pre_act_coefficient); the value is unchanged. Or (jumprelu_loss="step", the paper)
+    ‖x − x̂‖² + λ‖f‖₀ with the L0's gradient through the step function's estimator. Both estimators use a
+    rectangle kernel of bandwidth ε (cfg.jumprelu_bandwidth). θ is trained as log θ (kept positive) and saved both as
     `threshold` (what other tools read) and `log_threshold` (so a reload is bit-exact). x is not centred by b_dec
     unless cfg.apply_b_dec_to_input.
     """
@@ -199,7 +222,8 @@ class JumpReLUSAE(SAE):
         if cfg.jumprelu_loss == "tanh":
             norms = self.W_dec.norm(dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
             penalty = self._row_sum(torch.tanh(cfg.jumprelu_tanh_scale * f * norms)).mean()
-            pre_act = self._row_sum((theta - pre).relu() * norms).mean()
+            # π detached: the pre-activation term pulls only the thresholds (and ‖W_dec,i‖), see the class docstring
+            pre_act = self._row_sum((theta - pre.detach()).relu() * norms).mean()
             parts["l0"] = cfg.l1_coefficient * sparsity_scale * penalty
             parts["pre_act"] = cfg.jumprelu_pre_act_coefficient * pre_act
         else:
@@ -223,15 +247,39 @@ class JumpReLUSAE(SAE):
         cfg, n_rows = self.cfg, pre.shape[0]
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         norms = self.W_dec.norm(dim=-1)
-        dec, pen_sum, pre_sum, fired, n_open = _TanhStep.apply(
+        # the kernel's own pre-activation output (whose gradient also reaches π) is left unused: its gradient
+        # arrives as 0, and the term enters through `_threshold_pull` instead
+        dec, pen_sum, _, fired, n_open = _TanhStep.apply(
             pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, norms, cfg.jumprelu_tanh_scale, eps, flat_u)
         x_hat = dec + self.b_dec
         if cfg.skip:
             x_hat = x_hat + self.skip_out(x)
         parts = {"mse": self._mse(y, x_hat),
                  "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
-                 "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
+                 "pre_act": cfg.jumprelu_pre_act_coefficient * self._threshold_pull(pre, sae_in, theta, norms, flat_u)}
         return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
+
+    def _threshold_pull(self, pre: Tensor, sae_in: Tensor, theta: Tensor, norms: Tensor, flat_u: Tensor) -> Tensor:
+        """mean_b Σᵢ ReLU(θᵢ − πᵢ)‖W_dec,i‖ with π detached, from the fused path's entries `flat_u` (every π ≥ θ is
+        among them): Σ_b ReLU(θᵢ − π_bi) = n<ᵢ·θᵢ − Σ_{π<θ} π, with Σ_b π a matvec, so no pass over [batch, d_sae].
+        Gradient: n<ᵢ‖W_dec,i‖/batch to θᵢ, the per-latent sum to ‖W_dec,i‖, nothing to π."""
+        n_rows, d_sae = pre.shape
+        cols = flat_u % d_sae
+        z = pre.reshape(-1).index_select(0, flat_u)
+        ge = z >= theta.detach().index_select(0, cols)
+        with torch.no_grad():
+            pi_sum = sae_in.sum(0).to(self.W_enc.dtype) @ self.W_enc + n_rows * self.b_enc  # [d_sae] Σ_b π
+            below = pi_sum - torch.zeros_like(pi_sum).index_add_(0, cols[ge], z[ge])  # Σ_{π<θ} π
+            n_lt = n_rows - torch.bincount(cols[ge], minlength=d_sae).to(theta.dtype)
+        return (norms * (n_lt * theta - below).clamp_min(0)).sum() / n_rows
+
+    @torch.no_grad()
+    def init_thresholds_(self, x: Tensor, rate: float) -> None:
+        """Set θ from the sample x [n, d_in] so that every latent starts firing on ~rate of the rows
+        (`start_thresholds`; the trainer passes target L0 / d_sae under --target-l0): the run starts at its target
+        sparsity, as TopK does, instead of spending its first ~100 steps leaving a dense start."""
+        theta = start_thresholds(self._sae_in(x), self.W_enc, self.b_enc, rate)
+        self.log_threshold.copy_(theta.clamp_min(1e-6).log())  # θ > 0
 
     def _fold_extra_(self, scale: float) -> None:
         self.log_threshold.sub_(math.log(scale))
