@@ -10,7 +10,7 @@ from torch.autograd import Function
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step, fused_entries
+from sae_toolkit.sae.jumprelu import _Step, fused_entries, start_thresholds
 from sae_toolkit.sae.registry import register
 
 
@@ -24,9 +24,8 @@ class _GatedTanhStep(Function):
     - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
       (1/ε) Σ_{|π| < ε/2} ∂L/∂f·ReLU(π_mag)) takes the band below the gate as bag sums of g's rows per latent,
       weighted by ReLU(π_mag),
-    - the pre-activation term's ∂π = −1[π < 0] is dense, but its ∂W_enc = −Σ_b x̃_b ⊗ 1 + Σ_{π ≥ 0} x̃_b is a
-      rank-one update plus a sum over the entries at or above the gate, and Σ_b ReLU(−π) = −Σ_b π + Σ_{π ≥ 0} π
-      with Σ_b π a matvec.
+    - the pre-activation term sees W_encᵀx̃ detached (`GatedSAE`): its gradient is −#{b: π < 0} on b_gate only, and
+      its value Σ_b ReLU(−π) = −Σ_b π + Σ_{π ≥ 0} π takes Σ_b π as a matvec.
     """
 
     @staticmethod
@@ -47,14 +46,14 @@ class _GatedTanhStep(Function):
         n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(b_enc.dtype)  # [d_sae] #{b: π < 0}
         opened = f > 0
         fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
-        ctx.save_for_backward(sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, x_sum, n_lt)
+        ctx.save_for_backward(sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, n_lt)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
         ctx.mark_non_differentiable(fired)
         return dec, t.sum(), relu_sum.sum(), fired, opened.sum()
 
     @staticmethod
     def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
-        sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, x_sum, n_lt = ctx.saved_tensors
+        sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, mag, f, t, n_lt = ctx.saved_tensors
         n_rows, d_sae, c, eps = sae_in.shape[0], b_enc.shape[0], ctx.c, ctx.eps
         g_dec = g_dec.contiguous()
         # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
@@ -84,12 +83,12 @@ class _GatedTanhStep(Function):
         grad_r = torch.zeros_like(e_r).index_add_(0, cols_o, dm * (z_o - b_enc.index_select(0, cols_o)) * e_o)
         grad_b_mag = torch.zeros_like(b_mag).index_add_(0, cols_o, dm)
         grad_b_enc = band_sum / eps - g_pre * n_lt  # π_mag's (π − b_gate) leaves b_gate no gradient
-        dpi = dm * e_o  # ∂π on S from π_mag; the pre-activation term adds g_pre on S and −g_pre everywhere
-        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, dpi + g_pre)
-        grad_W_enc = kernels.in_layout(bag, W_enc, x_sum.to(W_enc.dtype), torch.ones_like(b_enc), alpha=-g_pre)
+        dpi = dm * e_o  # ∂π on S, from π_mag (the pre-activation term sees W_encᵀx̃ detached: b_gate only)
+        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, dpi)
+        grad_W_enc = kernels.in_layout(bag, W_enc)
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[4]:  # x̃ = x − b_dec: −W_enc Σ_b ∂π_b
-            grad_b_dec = -((torch.zeros_like(b_enc).index_add_(0, cols_o, dpi) - g_pre * n_lt) @ W_enc.t())
+            grad_b_dec = -(torch.zeros_like(b_enc).index_add_(0, cols_o, dpi) @ W_enc.t())
         grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f_o)
         return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None)
 
@@ -102,10 +101,10 @@ class GatedSAE(SAE):
 
     With tied weights the gate opens where π_mag > θ = b_mag − exp(r_mag)·b_gate: a Gated SAE is a JumpReLU with
     per-latent thresholds, and by default (cfg.gated_loss="tanh") it trains like one, with the JumpReLU tanh recipe
-        ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ) + λ_P Σᵢ ReLU(−π_gate,i),
+        ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ) + λ_P Σᵢ ReLU(−π_gate,i)   (W_encᵀx̃ detached there: it trains b_gate only),
     the gate's Heaviside H(π_gate) passing a straight-through gradient to b_gate (rectangle kernel of width ε, as
     JumpReLU's threshold; c, ε, λ_P are the jumprelu_* fields; decoder rows have unit norm) and b_gate starting at
-    −jumprelu_init_threshold. gated_loss="l1" is the paper's
+    −jumprelu_init_threshold (under --target-l0 from data, `init_thresholds_`). gated_loss="l1" is the paper's
         ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
     the last term decoding with a detached copy of W_dec and b_dec so only the gate path learns from it; its L1
     trains the shared W_enc like a ReLU SAE's, which on SmolLM2 activations cost it ~0.1 EV against the tanh
@@ -167,7 +166,8 @@ class GatedSAE(SAE):
             parts = {
                 "mse": self._mse(y, x_hat),
                 "l0": cfg.l1_coefficient * sparsity_scale * penalty,
-                "pre_act": cfg.jumprelu_pre_act_coefficient * self._row_sum((-gate).relu()).mean(),
+                # h detached: the term pulls only the gate's threshold −b_gate (as JumpReLU's pulls only θ)
+                "pre_act": cfg.jumprelu_pre_act_coefficient * self._row_sum((-(h.detach() + self.b_enc)).relu()).mean(),
             }
             active = f.detach() > 0
             return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
@@ -198,6 +198,13 @@ class GatedSAE(SAE):
                  "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
                  "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
         return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
+
+    @torch.no_grad()
+    def init_thresholds_(self, x: Tensor, rate: float) -> None:
+        """gated_loss="tanh": set b_gate from the sample x [n, d_in] so that every gate starts open on ~rate of the
+        rows (`jumprelu.start_thresholds` of W_encᵀx̃, as JumpReLUSAE.init_thresholds_). No-op for "l1"."""
+        if self.cfg.gated_loss == "tanh":
+            self.b_enc.copy_(-start_thresholds(self._sae_in(x), self.W_enc, None, rate))
 
     def _fold_extra_(self, scale: float) -> None:
         self.b_mag.div_(scale)

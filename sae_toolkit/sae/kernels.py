@@ -61,16 +61,13 @@ def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Te
     return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
-def in_layout(grad_t: Tensor, W: Tensor, u: Tensor | None = None, v: Tensor | None = None,
-              alpha: float = 1.0) -> Tensor:
-    """W's gradient from its transpose grad_t [W.shape[1], W.shape[0]] (contiguous), plus alpha·u⊗v when given, in
-    W's memory layout, which autograd accumulates as is (it would copy a gradient of another layout itself: 3.8 ms
-    at 576 × 4608 on CPU against 2.3-3.0 for the transposed copy here). A free view when W.t() is contiguous.
-    The rank-one term goes in afterwards, in place: `torch.addr` reading the transpose takes 5.1 ms against 3.5."""
-    out = grad_t.t()
-    if not W.t().is_contiguous():
-        out = torch.empty_like(W, memory_format=torch.preserve_format).copy_(out)
-    return out if u is None else out.addr_(u, v, alpha=alpha)
+def in_layout(grad_t: Tensor, W: Tensor) -> Tensor:
+    """W's gradient from its transpose grad_t [W.shape[1], W.shape[0]] (contiguous), in W's memory layout, which
+    autograd accumulates as is (it would copy a gradient of another layout itself: 3.8 ms at 576 × 4608 on CPU
+    against 2.3-3.0 for the transposed copy here). A free view when W.t() is contiguous."""
+    if W.t().is_contiguous():
+        return grad_t.t()
+    return torch.empty_like(W, memory_format=torch.preserve_format).copy_(grad_t.t())
 
 
 def encoder_grad(sae_in: Tensor, g: Tensor, W_enc: Tensor) -> Tensor:

@@ -170,9 +170,13 @@ class Trainer:
     def _start_run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(self.run_dir, "run", sorted(_RUN_FILES - {MARKER}))
-        if self.cfg.b_dec_init != "zeros":
+        if self.cfg.b_dec_init != "zeros" or self._init_rate() is not None:
             x, y = split_batch(self.store.sample(self.cfg.init_sample, seed=0))
-            self.sae.init_b_dec_(x if y is None else y, method=self.cfg.b_dec_init)  # b_dec lives in x̂'s space
+            if self.cfg.b_dec_init != "zeros":
+                self.sae.init_b_dec_(x if y is None else y, method=self.cfg.b_dec_init)  # b_dec lives in x̂'s space
+            if self._init_rate() is not None:
+                # after b_dec: quantiles of the pre-activations the SAE will see (of x − b_dec where it subtracts b_dec)
+                self.sae.init_thresholds_(x.to(self.device), self._init_rate())
         resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
                     "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
                     "dead_window_tokens": self.dead_window, "scale": self.store.scale,
@@ -183,6 +187,13 @@ class Trainer:
         _write_atomic(self.run_dir / "train_config.json",
                       json.dumps({**self.cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
         (self.run_dir / "metrics.jsonl").write_text("")
+
+    def _init_rate(self) -> float | None:
+        """The firing rate every latent's threshold starts at (JumpReLU, tanh Gated: `init_thresholds_`), target L0 /
+        d_sae under --target-l0; None (θ₀ = cfg.jumprelu_init_threshold for all) otherwise."""
+        if self.cfg.target_l0 is None or not hasattr(self.sae, "init_thresholds_"):
+            return None
+        return min(self.cfg.target_l0 / self.d_sae, 0.5)
 
     def _load_checkpoint(self, path: Path) -> None:
         tensors, state = load_checkpoint(path, device=self.device)

@@ -113,8 +113,15 @@ def test_jumprelu_tanh_loss_anthropic_2025():
     assert g["W_enc"].abs().sum() > 0 and g["log_threshold"].abs().sum() > 0
     # raising λ pushes thresholds up: the penalty's gradient on log θ is never positive
     assert (g["log_threshold"] <= 0).all()
-    # the pre-activation term pulls latents below threshold up: its gradient on b_enc is never positive
-    assert (grads_of(sae, out.parts["pre_act"])["b_enc"] <= 0).all()
+    # the pre-activation term pulls the thresholds of latents below them down, λ_P·θ·‖W_dec,i‖·#{π < θ}/batch on
+    # log θ, and nothing else of the encoder: π is detached in it
+    g = grads_of(sae, out.parts["pre_act"])
+    below = (pre < theta).double().sum(0)
+    torch.testing.assert_close(g["log_threshold"],
+                               sae.cfg.jumprelu_pre_act_coefficient * theta * norms * below / x.shape[0])
+    assert g["log_threshold"].abs().sum() > 0
+    for name in ("W_enc", "b_enc"):
+        torch.testing.assert_close(g[name], torch.zeros_like(g[name]), msg=name)
 
 
 def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
@@ -145,13 +152,37 @@ def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
     assert g.abs().sum() > 0
     # the penalty pushes gates shut (never opens one) and the pre-activation term pulls them open
     assert (grads_of(sae, out.parts["l0"])["b_enc"] >= 0).all()
-    assert (grads_of(sae, out.parts["pre_act"])["b_enc"] <= 0).all()
+    g = grads_of(sae, out.parts["pre_act"])  # −λ_P·#{π_gate < 0}/batch on b_gate, nothing else (h detached)
+    torch.testing.assert_close(g["b_enc"], -sae.cfg.jumprelu_pre_act_coefficient
+                               * (gate.detach() < 0).double().sum(0) / x.shape[0])
+    for name in ("W_enc", "b_dec", "r_mag", "b_mag"):
+        torch.testing.assert_close(g[name], torch.zeros_like(g[name]), msg=name)
     # a fresh tanh Gated SAE starts every gate at JumpReLU's initial threshold
     fresh = make_sae(SAEConfig(arch="gated", d_in=D_IN, d_sae=D_SAE))
     assert torch.all(fresh.b_enc == -fresh.cfg.jumprelu_init_threshold)
     assert fresh.cfg.jumprelu_init_threshold == 1.0 and fresh.cfg.jumprelu_bandwidth == 2.0
     with pytest.raises(SAEToolkitError, match="gated_loss='hinge'"):
         SAEConfig(arch="gated", d_in=D_IN, d_sae=D_SAE, gated_loss="hinge")
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])
+def test_thresholds_start_at_a_firing_rate(arch):
+    """init_thresholds_(x, rate): each latent's threshold at the (1 − rate) quantile of its pre-activations on x
+    (it fires on ~rate of the rows), capped at the median of those quantiles (the capped ones fire more)."""
+    sae = randomized(arch, seed=4)
+    x = torch.randn(2000, D_IN, dtype=torch.float64) * (1 + 3 * torch.rand(2000, 1, dtype=torch.float64))
+    rate = 0.05
+    sae.init_thresholds_(x, rate)
+    with torch.no_grad():
+        fire = (sae.encode(x) > 0).double().mean(0) if arch == "jumprelu" else (sae._paths(x)[0] > 0).double().mean(0)
+        h = sae._sae_in(x) @ sae.W_enc + (sae.b_enc if arch == "jumprelu" else 0)
+        own = h.kthvalue(int(0.95 * 2000), dim=0).values
+    capped = own > own.median()
+    assert 0 < int(capped.sum()) < D_SAE
+    assert torch.all((fire[~capped] - rate).abs() <= 2 / 2000)  # ties and the quantile's rounding
+    assert torch.all(fire[capped] >= rate - 1 / 2000) and float(fire[capped].mean()) > rate
+    with pytest.raises(SAEToolkitError, match="firing rate 1.5"):
+        sae.init_thresholds_(x, 1.5)
 
 
 def test_gated_aux_loss_trains_only_the_gate_path():

@@ -202,3 +202,17 @@ def test_batchtopk_threshold_calibration_rows(toy, tmp_path):
     with pytest.raises(SAEToolkitError, match="threshold_calibration_rows=-1"):
         TrainConfig(acts="a.h5", hookpoint="hp", arch="batchtopk", k=4, threshold_calibration_rows=-1,
                     out=str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "gated"])
+def test_target_l0_runs_start_at_the_target(toy, tmp_path, arch):
+    """Under --target-l0 the thresholds start where every latent fires on ~target/d_sae of the rows (their
+    init_thresholds_ on the b_dec sample), so the first batch is already near the target L0, where the fixed
+    θ₀ start is dense; without a target the fixed start is kept."""
+    path, _ = toy
+    first = {}
+    for target in (3.0, None):
+        run = _train(path, tmp_path / f"run{target}", arch, tokens=512 * 2, log_every=1, target_l0=target)
+        first[target] = read_metrics(run)[0]["l0"]
+    assert 2.5 <= first[3.0] <= 6.0, first
+    assert first[None] > 2 * first[3.0], first
