@@ -10,7 +10,7 @@ from torch.autograd import Function
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step, fused_entries, start_thresholds
+from sae_toolkit.sae.jumprelu import _Step, fused_entries, fused_tanh_output, start_thresholds
 from sae_toolkit.sae.registry import register
 
 
@@ -186,18 +186,12 @@ class GatedSAE(SAE):
 
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor,
                          sparsity_scale: float) -> TrainOutput:
-        cfg, n_rows = self.cfg, pre.shape[0]
+        cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
-        dec, pen_sum, pre_sum, fired, n_open = _GatedTanhStep.apply(
+        step = _GatedTanhStep.apply(
             pre, sae_in, self.W_enc, self.b_enc, b_dec, self.r_mag, self.b_mag, self.W_dec, cfg.jumprelu_tanh_scale,
             cfg.jumprelu_bandwidth, flat_u)
-        x_hat = dec + self.b_dec
-        if cfg.skip:
-            x_hat = x_hat + self.skip_out(x)
-        parts = {"mse": self._mse(y, x_hat),
-                 "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
-                 "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
-        return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
+        return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()
     def init_thresholds_(self, x: Tensor, rate: float) -> None:

@@ -72,6 +72,21 @@ def fused_entries(pre: Tensor, theta: Tensor | float, eps: float) -> Tensor | No
     return flat_u if flat_u.numel() <= FUSED_MAX_DENSITY * pre.numel() else None
 
 
+def fused_tanh_output(sae: SAE, x: Tensor, y: Tensor, step: tuple[Tensor, ...], sparsity_scale: float) -> TrainOutput:
+    """TrainOutput of a fused tanh step (`_TanhStep`, `gated._GatedTanhStep`): step = (f W_dec [batch, d_out],
+    Σ tanh penalty, Σ pre-activation term, fired [d_sae], number of open gates); loss parts {"mse", "l0", "pre_act"}
+    as the composed graphs write them."""
+    dec, pen_sum, pre_sum, fired, n_open = step
+    cfg, n_rows = sae.cfg, x.shape[0]
+    x_hat = dec + sae.b_dec
+    if cfg.skip:
+        x_hat = x_hat + sae.skip_out(x)
+    parts = {"mse": sae._mse(y, x_hat),
+             "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
+             "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
+    return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
+
+
 class _TanhStep(Function):
     """The tanh-recipe latent step from precomputed pre-activations, with its whole backward written out sparse.
 
@@ -250,17 +265,11 @@ class JumpReLUSAE(SAE):
 
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
                          flat_u: Tensor, sparsity_scale: float) -> TrainOutput:
-        cfg, n_rows = self.cfg, pre.shape[0]
+        cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
-        dec, pen_sum, pre_sum, fired, n_open = _TanhStep.apply(
+        step = _TanhStep.apply(
             pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, cfg.jumprelu_tanh_scale, eps, flat_u)
-        x_hat = dec + self.b_dec
-        if cfg.skip:
-            x_hat = x_hat + self.skip_out(x)
-        parts = {"mse": self._mse(y, x_hat),
-                 "l0": cfg.l1_coefficient * sparsity_scale * (pen_sum / n_rows),
-                 "pre_act": cfg.jumprelu_pre_act_coefficient * (pre_sum / n_rows)}
-        return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
+        return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()
     def init_thresholds_(self, x: Tensor, rate: float) -> None:

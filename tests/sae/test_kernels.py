@@ -454,63 +454,43 @@ def test_sparse_gates_step_matches_dense_step(arch, monkeypatch):
         torch.testing.assert_close(grads_s[name], grads_d[name], msg=name)
 
 
+def _sparse_gates(arch: str, kw: dict):
+    """A randomised JumpReLU or Gated SAE with few gates open and a band below them (JumpReLU: decoder rows off unit
+    norm; Gated: magnitudes positive and negative around the gate)."""
+    if arch == "jumprelu":
+        sae = randomized("jumprelu", seed=9, jumprelu_bandwidth=0.6, **kw)
+        with torch.no_grad():
+            sae.log_threshold.add_(1.6)
+            sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) + 0.5)
+    else:
+        sae = randomized("gated", seed=11, jumprelu_bandwidth=0.6, **kw)
+        with torch.no_grad():
+            sae.b_enc.sub_(2.0)
+            sae.b_mag.normal_(0.0, 0.5)
+    if kw.get("skip"):
+        with torch.no_grad():
+            sae.W_skip.normal_()
+    return sae
+
+
+@pytest.mark.parametrize("arch,step", [("jumprelu", jumprelu._TanhStep), ("gated", gated._GatedTanhStep)],
+                         ids=["jumprelu", "gated"])
 @pytest.mark.parametrize("kw", [{}, {"apply_b_dec_to_input": True},
                                 {"target": "mlp_out.0", "d_out": 11, "skip": True}],
                          ids=["plain", "b_dec_in", "skip_transcoder"])
-def test_fused_jumprelu_tanh_step_matches_composed_graph(kw, monkeypatch):
-    """The tanh-recipe JumpReLU step written as one Function (`jumprelu._TanhStep`: per-entry dot products on the
-    open gates, bag sums over the estimator's band, the pre-activation term as a rank-one update) gives the same
-    loss parts, L0, fired latents and gradients as the composed autograd graph it replaces."""
-    sae = randomized("jumprelu", seed=9, jumprelu_bandwidth=0.6, **kw)
-    with torch.no_grad():  # few gates open, a band below them, and decoder rows off unit norm
-        sae.log_threshold.add_(1.6)
-        sae.W_dec.mul_(torch.rand(sae.cfg.d_sae, 1) + 0.5)
-        if kw.get("skip"):
-            sae.W_skip.normal_()
+def test_fused_tanh_step_matches_composed_graph(arch, step, kw, monkeypatch):
+    """The tanh-recipe step written as one Function (JumpReLU's `_TanhStep`, Gated's `_GatedTanhStep`: dot products
+    on the entries at or above the gate, bag sums over the estimator's band below it, the pre-activation term on
+    the thresholds only) gives the same loss parts, L0, fired latents and gradients (every parameter, W_skip too)
+    as the composed autograd graph it replaces."""
+    sae = _sparse_gates(arch, kw)
     x = 2 * torch.randn(40, sae.cfg.d_in)
     target = torch.randn(40, sae.cfg.d_out) if kw.get("target") else None
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0 if fused else -1.0)
         calls = []
-        monkeypatch.setattr(jumprelu._TanhStep, "apply", _counting(jumprelu._TanhStep.apply, calls))
-        out = sae.training_loss(x, sparsity_scale=0.7, target=target)
-        assert len(calls) == int(fused)  # the path under test really ran
-        results[fused] = out, grads_of(sae, out.loss)
-    (out_f, grads_f), (out_c, grads_c) = results[True], results[False]
-    assert 0 < float(out_c.l0) < sae.cfg.d_sae / 2
-    torch.testing.assert_close(out_f.l0, out_c.l0)
-    assert torch.equal(out_f.fired, out_c.fired)
-    torch.testing.assert_close(out_f.x_hat, out_c.x_hat)
-    for name in out_c.parts:
-        torch.testing.assert_close(out_f.parts[name], out_c.parts[name], msg=name)
-    assert set(grads_f) == set(grads_c)
-    for name in grads_c:
-        assert grads_c[name].abs().sum() > 0, name
-        torch.testing.assert_close(grads_f[name], grads_c[name], msg=name)
-
-
-@pytest.mark.parametrize("kw", [{}, {"apply_b_dec_to_input": True},
-                                {"target": "mlp_out.0", "d_out": 11, "skip": True}],
-                         ids=["plain", "b_dec_in", "skip_transcoder"])
-def test_fused_gated_tanh_step_matches_composed_graph(kw, monkeypatch):
-    """Gated's tanh-recipe step as one Function (`gated._GatedTanhStep`: dot products at and above the gate, bag
-    sums weighted by ReLU(π_mag) over the band below it, the pre-activation term as a rank-one update) gives the same
-    loss parts, L0, fired latents and gradients (W_enc, b_gate, b_dec, r_mag, b_mag, W_dec, W_skip) as the
-    composed graph."""
-    sae = randomized("gated", seed=11, jumprelu_bandwidth=0.6, **kw)
-    with torch.no_grad():  # few gates open, a band below them; magnitudes positive and negative around the gate
-        sae.b_enc.sub_(2.0)
-        sae.b_mag.normal_(0.0, 0.5)
-        if kw.get("skip"):
-            sae.W_skip.normal_()
-    x = 2 * torch.randn(40, sae.cfg.d_in)
-    target = torch.randn(40, sae.cfg.d_out) if kw.get("target") else None
-    results = {}
-    for fused in (True, False):
-        monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0 if fused else -1.0)
-        calls = []
-        monkeypatch.setattr(gated._GatedTanhStep, "apply", _counting(gated._GatedTanhStep.apply, calls))
+        monkeypatch.setattr(step, "apply", _counting(step.apply, calls))
         out = sae.training_loss(x, sparsity_scale=0.7, target=target)
         assert len(calls) == int(fused)  # the path under test really ran
         results[fused] = out, grads_of(sae, out.loss)
