@@ -507,31 +507,22 @@ def test_fused_tanh_step_matches_composed_graph(arch, step, kw, monkeypatch):
         torch.testing.assert_close(grads_f[name], grads_c[name], msg=name)
 
 
-def test_fused_jumprelu_step_only_when_few_pre_acts_reach_the_band(monkeypatch):
-    """A fresh JumpReLU (θ = 0.1, ~half the gates open) keeps the composed graph; a sparse one takes the fused step;
-    Gated likewise."""
-    sae = randomized("jumprelu", seed=10)
+@pytest.mark.parametrize("arch,step,param,dense,sparse", [
+    ("jumprelu", jumprelu._TanhStep, "log_threshold", -2.3, 2.0),  # θ = 0.1 / 7.4
+    ("gated", gated._GatedTanhStep, "b_enc", -0.1, -4.0),  # the gate opens where W_encᵀx̃ > −b_gate
+], ids=["jumprelu", "gated"])
+def test_fused_step_only_when_few_pre_acts_reach_the_band(arch, step, param, dense, sparse, monkeypatch):
+    """With ~half the gates open (a fresh SAE) the composed graph runs; with few, the fused step."""
+    sae = randomized(arch, seed=10)
     x = torch.randn(32, sae.cfg.d_in)
     calls = []
-    monkeypatch.setattr(jumprelu._TanhStep, "apply", _counting(jumprelu._TanhStep.apply, calls))
-    with torch.no_grad():
-        sae.log_threshold.fill_(-2.3)
-    sae.training_loss(x)
-    assert calls == []
-    with torch.no_grad():
-        sae.log_threshold.fill_(2.0)
-    sae.training_loss(x)
-    assert len(calls) == 1
-    gated_sae, calls = randomized("gated", seed=10), []  # b_gate = −1 at init: the same switch on the gate
-    monkeypatch.setattr(gated._GatedTanhStep, "apply", _counting(gated._GatedTanhStep.apply, calls))
-    with torch.no_grad():
-        gated_sae.b_enc.fill_(-0.1)
-    gated_sae.training_loss(x)
-    assert calls == []
-    with torch.no_grad():
-        gated_sae.b_enc.fill_(-4.0)
-    gated_sae.training_loss(x)
-    assert len(calls) == 1
+    monkeypatch.setattr(step, "apply", _counting(step.apply, calls))
+    for value, want in ((dense, 0), (sparse, 1)):
+        with torch.no_grad():
+            getattr(sae, param).fill_(value)
+        sae.training_loss(x)
+        assert len(calls) == want
+        calls.clear()
 
 
 def _counting(fn, calls):
