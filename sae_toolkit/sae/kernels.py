@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from sae_toolkit.sae.codes import (  # noqa: F401  (re-exported: callers use kernels.<name>)
-    _SAMPLE,
+from sae_toolkit.sae.codes import (  # noqa: F401  (the public names re-exported: callers use kernels.<name>)
     SparseActs,
     Transposed,
-    _argsort_stable,
     _eager_cpu,
-    _flat_topk_candidates,
     _offsets,
-    _sorted,
     _transpose_bags,
     argsort_keys,
     batch_topk_code,

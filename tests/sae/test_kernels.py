@@ -356,8 +356,8 @@ def test_decode_of_bf16_latents_under_autocast_matches_float32():
 def test_cpu_sorts_match_torch_stable_sort(n_keys):
     keys = torch.randint(0, n_keys, (5000,), generator=torch.Generator().manual_seed(n_keys))
     keys[:50] = n_keys - 1
-    assert torch.equal(kernels._argsort_stable(keys, n_keys), keys.argsort(stable=True))
-    assert torch.equal(kernels._sorted(keys), keys.sort().values)
+    assert torch.equal(codes._argsort_stable(keys, n_keys), keys.argsort(stable=True))
+    assert torch.equal(codes._sorted(keys), keys.sort().values)
 
 
 def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
@@ -368,7 +368,7 @@ def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
     pre = torch.randn(64, 300, generator=g_) * torch.rand(64, 1, generator=g_) * 3  # uneven row scales
     n_keep = 5 * 64
     want = set(pre.view(-1).topk(n_keep).indices.tolist())
-    got = kernels._flat_topk_candidates(pre.view(-1), n_keep)
+    got = codes._flat_topk_candidates(pre.view(-1), n_keep)
     assert got is not None and set(got.tolist()) == want
     code = batch_topk_code(pre, 5)
     assert set((code.rows * 300 + code.cols).tolist()) == want and torch.all(code.rows.diff() >= 0)
@@ -377,7 +377,7 @@ def test_batch_topk_shortcut_is_exact_and_falls_back(monkeypatch):
     flat = torch.rand(64 * 300, generator=g_)
     step = flat.numel() // 256
     flat[::step] += 10
-    assert kernels._flat_topk_candidates(flat, n_keep) is None
+    assert codes._flat_topk_candidates(flat, n_keep) is None
     code = batch_topk_code(flat.view(64, 300), 5)  # the fallback still gives the exact answer
     assert set((code.rows * 300 + code.cols).tolist()) == set(flat.topk(n_keep).indices.tolist())
 
