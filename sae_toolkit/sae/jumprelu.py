@@ -121,18 +121,20 @@ class _TanhStep(Function):
         n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(theta.dtype)  # [d_sae] #{b: π < θ}
         opened = f > 0  # θ > 0, so open ⇔ f > 0
         fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
-        ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, f, t, relu_sum, n_lt)
+        ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
+                              n_lt)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
         ctx.mark_non_differentiable(fired)
         return dec, t.sum(), (norms * relu_sum).sum(), fired, opened.sum()
 
     @staticmethod
     def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
-        sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, f, t, relu_sum, n_lt = ctx.saved_tensors
+        (sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
+         n_lt) = ctx.saved_tensors
         n_rows, d_sae, c = sae_in.shape[0], theta.shape[0], ctx.c
         g_dec = g_dec.contiguous()
         # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
-        t_s = kernels.transposed(kernels.SparseActs(f, rows.index_select(0, s), cols.index_select(0, s), n_rows), d_sae)
+        t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
         s_o = s.index_select(0, t_s.order)  # positions in U
         cols_o, f_o, t_o = cols.index_select(0, s_o), f.index_select(0, t_s.order), t.index_select(0, t_s.order)
         band = (z - th).abs_() < ctx.eps / 2

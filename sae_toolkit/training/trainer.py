@@ -170,13 +170,14 @@ class Trainer:
     def _start_run(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(self.run_dir, "run", sorted(_RUN_FILES - {MARKER}))
-        if self.cfg.b_dec_init != "zeros" or self._init_rate() is not None:
+        rate = self._init_rate()
+        if self.cfg.b_dec_init != "zeros" or rate is not None:
             x, y = split_batch(self.store.sample(self.cfg.init_sample, seed=0))
             if self.cfg.b_dec_init != "zeros":
                 self.sae.init_b_dec_(x if y is None else y, method=self.cfg.b_dec_init)  # b_dec lives in x̂'s space
-            if self._init_rate() is not None:
+            if rate is not None:
                 # after b_dec: quantiles of the pre-activations the SAE will see (of x − b_dec where it subtracts b_dec)
-                self.sae.init_thresholds_(x.to(self.device), self._init_rate())
+                self.sae.init_thresholds_(x.to(self.device), rate)
         resolved = {"d_in": self.d_in, "d_sae": self.d_sae, "lr": self.lr, "total_steps": self.total_steps,
                     "total_tokens": self.total_tokens, "lr_warmup_steps": self.warmup_steps,
                     "dead_window_tokens": self.dead_window, "scale": self.store.scale,
