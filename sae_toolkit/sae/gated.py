@@ -10,7 +10,7 @@ from torch.autograd import Function
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step, fused_entries, fused_tanh_output, start_thresholds
+from sae_toolkit.sae.jumprelu import _Step, fused_entries, fused_tanh_output, start_thresholds, wide_band_sums
 from sae_toolkit.sae.registry import register
 
 
@@ -18,8 +18,9 @@ class _GatedTanhStep(Function):
     """Gated's tanh-recipe step from precomputed gate pre-activations π = W_encᵀx̃ + b_gate, backward written out
     sparse (the Gated counterpart of `jumprelu._TanhStep`).
 
-    Forward (no autograd inside), on U = {π > −ε/2} (flat row-major indices `flat_u`): f = ReLU(π_mag)·1[π > 0] with
-    π_mag = e^{r_mag}(π − b_gate) + b_mag; returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae]
+    Forward (no autograd inside), on U = {π > −ε/2} (flat row-major indices `flat_u`; with `wide` U = {π ≥ 0} and the
+    backward takes the band below the gate from `pre` as one GEMM, `jumprelu.wide_band_sums`): f = ReLU(π_mag)·1[π > 0]
+    with π_mag = e^{r_mag}(π − b_gate) + b_mag; returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae]
     bool, number of open gates). The same values and gradients as the composed graph in `GatedSAE.training_loss`:
     - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
       (1/ε) Σ_{|π| < ε/2} ∂L/∂f·ReLU(π_mag)) takes the band below the gate as bag sums of g's rows per latent,
@@ -29,7 +30,7 @@ class _GatedTanhStep(Function):
     """
 
     @staticmethod
-    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, r_mag, b_mag, W_dec, c, eps, flat_u):
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, r_mag, b_mag, W_dec, c, eps, flat_u, wide):
         n_rows, d_sae = pre.shape
         rows, cols = flat_u // d_sae, flat_u % d_sae
         z = pre.reshape(-1).index_select(0, flat_u)  # π on U
@@ -47,14 +48,15 @@ class _GatedTanhStep(Function):
         opened = f > 0
         fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
         ctx.save_for_backward(sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, s_rows, s_cols, mag, f, t,
-                              n_lt)
+                              n_lt, pre if wide else None)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
         ctx.mark_non_differentiable(fired)
         return dec, t.sum(), relu_sum.sum(), fired, opened.sum()
 
     @staticmethod
     def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
-        sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, s_rows, s_cols, mag, f, t, n_lt = ctx.saved_tensors
+        (sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, s_rows, s_cols, mag, f, t, n_lt,
+         pre) = ctx.saved_tensors
         n_rows, d_sae, c, eps = sae_in.shape[0], b_enc.shape[0], ctx.c, ctx.eps
         g_dec = g_dec.contiguous()
         # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
@@ -66,18 +68,24 @@ class _GatedTanhStep(Function):
         dldf = (kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
                 + (g_pen * c) * (1 - t_o * t_o))
         # the gate's estimator over its band: ∂L/∂H = ∂L/∂f·ReLU(π_mag); below the gate (f = 0, sech² = 1) only as
-        # per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of g's rows) + g_pen·c·Σ_b ReLU(π_mag)
-        below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
-        l_cols, l_z = cols.index_select(0, below), z.index_select(0, below)
-        l_w = ((l_z - b_enc.index_select(0, l_cols)) * e_r.index_select(0, l_cols)
-               + b_mag.index_select(0, l_cols)).relu_()
-        order = kernels.argsort_keys(l_cols, d_sae)
-        g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, below).index_select(0, order),
-                                 kernels.row_offsets(l_cols.index_select(0, order), d_sae),
-                                 l_w.index_select(0, order))  # [d_sae, d_out]
-        w_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w)
+        # per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of g's rows, or one GEMM for a wide band) +
+        # g_pen·c·Σ_b ReLU(π_mag)
+        if pre is not None:
+            # ReLU(π_mag) = ReLU(e^r·π + b_mag − e^r·b_gate) on the band −ε/2 < π < 0, zero elsewhere
+            w = torch.addcmul(b_mag - e_r * b_enc, pre, e_r).relu_().mul_((pre < 0) & (pre > -eps / 2))
+            g_band, w_sum = wide_band_sums(w, g_dec.to(W_dec.dtype))
+        else:
+            below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
+            l_cols, l_z = cols.index_select(0, below), z.index_select(0, below)
+            l_w = ((l_z - b_enc.index_select(0, l_cols)) * e_r.index_select(0, l_cols)
+                   + b_mag.index_select(0, l_cols)).relu_()
+            order = kernels.argsort_keys(l_cols, d_sae)
+            g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, below).index_select(0, order),
+                                     kernels.row_offsets(l_cols.index_select(0, order), d_sae),
+                                     l_w.index_select(0, order))  # [d_sae, d_out]
+            w_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w)
         band_o = z_o < eps / 2
-        band_sum = (g_band.mul_(W_dec).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum).index_add_(
+        band_sum = (g_band.mul_(W_dec).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum.to(b_enc.dtype)).index_add_(
             0, cols_o[band_o], (dldf * mag_o.relu())[band_o])
         dm = dldf * (f_o > 0)  # ∂L/∂π_mag on S: f = ReLU(π_mag) where the gate is open
         e_o = e_r.index_select(0, cols_o)
@@ -91,7 +99,8 @@ class _GatedTanhStep(Function):
         if ctx.has_b_dec and ctx.needs_input_grad[4]:  # x̃ = x − b_dec: −W_enc Σ_b ∂π_b
             grad_b_dec = -(torch.zeros_like(b_enc).index_add_(0, cols_o, dpi) @ W_enc.t())
         grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f_o)
-        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None)
+        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None,
+                None)
 
 
 @register
@@ -110,7 +119,7 @@ class GatedSAE(SAE):
     the last term decoding with a detached copy of W_dec and b_dec so only the gate path learns from it; its L1
     trains the shared W_enc like a ReLU SAE's, which on SmolLM2 activations cost it ~0.1 EV against the tanh
     recipe. Saved extras: r_mag [d_sae], b_mag [d_sae]. On eager CPU the tanh step runs as one Function
-    (`_GatedTanhStep`) once at most jumprelu.FUSED_MAX_DENSITY of the gate pre-activations lie above −ε/2.
+    (`_GatedTanhStep`) once few gates are open (`jumprelu.fused_entries`).
     """
 
     archs = ("gated",)
@@ -151,9 +160,9 @@ class GatedSAE(SAE):
         cfg = self.cfg
         computed = self._encoder_pass(x)  # π_gate [batch, d_sae], x̃; no autograd yet
         if cfg.gated_loss == "tanh":
-            flat_u = fused_entries(computed[0], 0.0, cfg.jumprelu_bandwidth)
-            if flat_u is not None:
-                return self._fused_tanh_loss(x, y, *computed, flat_u, sparsity_scale)
+            entries = fused_entries(computed[0], 0.0, cfg.jumprelu_bandwidth)
+            if entries is not None:
+                return self._fused_tanh_loss(x, y, *computed, *entries, sparsity_scale)
         gate = self._pre_acts_with_grad(x, computed)  # π_gate with grad; sparse ∂W_enc once few gates are open
         h = gate - self.b_enc  # W_encᵀx̃
         mag = h * self.r_mag.exp() + self.b_mag  # π_mag: the same W_enc product, rescaled
@@ -185,13 +194,13 @@ class GatedSAE(SAE):
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 
-    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor,
+    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor, wide: bool,
                          sparsity_scale: float) -> TrainOutput:
         cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         step = _GatedTanhStep.apply(
             pre, sae_in, self.W_enc, self.b_enc, b_dec, self.r_mag, self.b_mag, self.W_dec, cfg.jumprelu_tanh_scale,
-            cfg.jumprelu_bandwidth, flat_u)
+            cfg.jumprelu_bandwidth, flat_u, wide)
         return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()

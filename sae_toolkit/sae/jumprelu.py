@@ -57,19 +57,46 @@ class _Step(Function):
 
 FUSED_MAX_DENSITY = 0.15
 """The tanh step runs as `_TanhStep` on eager CPU when at most this share of the [batch, d_sae] pre-activations lie
-above θ − ε/2 (the open gates and the threshold estimator's band, where ∂L/∂f is needed): a dot product or a bag-sum
-term per such entry (~40-50 ns each on the project's CPU) against a dense g W_decᵀ GEMM (~7 ns per entry)."""
+at or above θ (where ∂L/∂f is needed per entry): a dot product and a few bag-sum terms per such entry (~40-50 ns
+each on the project's CPU) against the composed graph's dense GEMMs (~7 ns per entry each)."""
+
+BAND_BAG_MAX_DENSITY = 0.25
+"""... and the threshold estimator's band below θ, (θ − ε/2, θ), enters as bag sums of g's rows while at most this
+share lie above θ − ε/2; beyond, as one dense GEMM (`wide_band_sums`). Measured crossover on the project's CPU
+(2 % of the gates open, one thread): bag sums 177 / 230 / 248 ms per step at 12 / 22 / 27 % in the band, the GEMM
+235 / 244 / 205 ms. A trained SAE at the default ε = 2 holds ~10 % of SmolLM2's pre-activations there at L0 35,
+~27 % at L0 112."""
 
 
-def fused_entries(pre: Tensor, theta: Tensor | float, eps: float) -> Tensor | None:
-    """Flat indices of the [batch, d_sae] pre-activations above θ − ε/2 when a fused tanh step applies (eager CPU,
-    float32/64, no autocast, at most FUSED_MAX_DENSITY of them), else None. Reads a count on the host."""
+def fused_entries(pre: Tensor, theta: Tensor | float, eps: float) -> tuple[Tensor, bool] | None:
+    """(flat indices, wide) when a fused tanh step applies (eager CPU, float32/64, no autocast, at most
+    FUSED_MAX_DENSITY of the entries at or above θ), else None. Reads counts on the host.
+
+    wide=False: the indices of the entries above θ − ε/2 (the open gates and the estimator's band), at most
+    BAND_BAG_MAX_DENSITY of them. wide=True: more lie in the band; the indices of the entries at or above θ only,
+    the band's sums left to a dense GEMM."""
     if (not kernels.host_syncs_ok(pre) or torch.is_autocast_enabled("cpu")
             or pre.dtype not in (torch.float32, torch.float64)):
         return None
+    n = pre.numel()
     # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
-    flat_u = kernels.flat_nonzero(pre > theta - 0.5 * eps * (1 + 1e-4))
-    return flat_u if flat_u.numel() <= FUSED_MAX_DENSITY * pre.numel() else None
+    upper = pre > theta - 0.5 * eps * (1 + 1e-4)
+    n_upper = int(upper.count_nonzero())  # counted first: a nonzero over a band too wide to use would be wasted
+    if n_upper <= FUSED_MAX_DENSITY * n:
+        return kernels.flat_nonzero(upper), False
+    at_or_above = pre >= theta
+    if int(at_or_above.count_nonzero()) > FUSED_MAX_DENSITY * n:
+        return None
+    if n_upper <= BAND_BAG_MAX_DENSITY * n:
+        return kernels.flat_nonzero(upper), False
+    return kernels.flat_nonzero(at_or_above), True
+
+
+def wide_band_sums(weights: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(weightsᵀ g [d_sae, d_out], Σ_b weights [d_sae]) for the estimator's band below the gate given densely as
+    weights [batch, d_sae] (0 outside the band): one GEMM for a band too wide for per-entry bag sums."""
+    weights = weights.to(g.dtype)
+    return weights.t() @ g, weights.sum(0)
 
 
 def fused_tanh_output(sae: SAE, x: Tensor, y: Tensor, step: tuple[Tensor, ...], sparsity_scale: float) -> TrainOutput:
@@ -90,7 +117,8 @@ def fused_tanh_output(sae: SAE, x: Tensor, y: Tensor, step: tuple[Tensor, ...], 
 class _TanhStep(Function):
     """The tanh-recipe latent step from precomputed pre-activations, with its whole backward written out sparse.
 
-    Forward (no autograd inside): f = π·1[π > θ] on U = {π > θ − ε/2} (flat row-major indices `flat_u`), returns
+    Forward (no autograd inside): f = π·1[π > θ] on U = {π > θ − ε/2} (flat row-major indices `flat_u`; with `wide`
+    U = {π ≥ θ} and the backward takes the band below θ from `pre` as one GEMM, `wide_band_sums`), returns
     (f W_dec [batch, d_out], Σ tanh(c·f·n), Σ ReLU(θ − π)·n, fired [d_sae] bool, number of open gates), n = ‖W_dec,i‖.
     The same values and gradients as the composed autograd graph (`_JumpReLU` + `adaptive_decode` + the two
     penalty terms), but:
@@ -103,7 +131,7 @@ class _TanhStep(Function):
     """
 
     @staticmethod
-    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, theta, W_dec, c, eps, flat_u):
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, theta, W_dec, c, eps, flat_u, wide):
         n_rows, d_sae = pre.shape
         norms = torch.linalg.vector_norm(W_dec, dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
         rows, cols = flat_u // d_sae, flat_u % d_sae
@@ -122,7 +150,7 @@ class _TanhStep(Function):
         opened = f > 0  # θ > 0, so open ⇔ f > 0
         fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
         ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
-                              n_lt)
+                              n_lt, pre if wide else None)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
         ctx.mark_non_differentiable(fired)
         return dec, t.sum(), (norms * relu_sum).sum(), fired, opened.sum()
@@ -130,7 +158,7 @@ class _TanhStep(Function):
     @staticmethod
     def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
         (sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
-         n_lt) = ctx.saved_tensors
+         n_lt, pre) = ctx.saved_tensors
         n_rows, d_sae, c = sae_in.shape[0], theta.shape[0], ctx.c
         g_dec = g_dec.contiguous()
         # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
@@ -143,17 +171,22 @@ class _TanhStep(Function):
         dldf = (kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
                 + (g_pen * c) * n_o * (1 - t_o * t_o))
         # The band below θ (closed gates, f = 0, sech² = 1) only enters θ's estimator as a per-latent sum:
-        # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows grouped by latent (cheaper than a dot per entry)
-        closed = kernels.flat_nonzero(band.clone().index_fill_(0, s, False))
-        c_cols = cols.index_select(0, closed)
-        order = kernels.argsort_keys(c_cols, d_sae)
-        g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, closed).index_select(0, order),
-                                 kernels.row_offsets(c_cols.index_select(0, order), d_sae),
-                                 torch.ones_like(c_cols, dtype=W_dec.dtype))  # [d_sae, d_out]
-        n_closed = torch.bincount(c_cols, minlength=d_sae).to(theta.dtype)
+        # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows grouped by latent (cheaper than a dot per entry), or one
+        # GEMM when the band is wide (U is then S alone)
+        if pre is not None:
+            d = pre - theta
+            g_band, n_closed = wide_band_sums((d < 0) & (d > -ctx.eps / 2), g_dec.to(W_dec.dtype))
+        else:
+            closed = kernels.flat_nonzero(band.clone().index_fill_(0, s, False))
+            c_cols = cols.index_select(0, closed)
+            order = kernels.argsort_keys(c_cols, d_sae)
+            g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, closed).index_select(0, order),
+                                     kernels.row_offsets(c_cols.index_select(0, order), d_sae),
+                                     torch.ones_like(c_cols, dtype=W_dec.dtype))  # [d_sae, d_out]
+            n_closed = torch.bincount(c_cols, minlength=d_sae)
         band_o = band.index_select(0, s_o)
-        band_sum = (g_band.mul_(W_dec).sum(-1).to(theta.dtype) + (g_pen * c) * norms * n_closed).index_add_(
-            0, cols_o[band_o], dldf[band_o])
+        band_sum = (g_band.mul_(W_dec).sum(-1).to(theta.dtype)
+                    + (g_pen * c) * norms * n_closed.to(theta.dtype)).index_add_(0, cols_o[band_o], dldf[band_o])
         grad_theta = -(theta / ctx.eps) * band_sum + g_pre * norms * n_lt
         dldf_open = dldf * (f_o > 0)  # ∂π from the reconstruction and tanh terms lives on the open gates
         # the pre-activation term sees π detached: it reaches θ and the norms only, not W_enc, b_enc, b_dec
@@ -168,7 +201,7 @@ class _TanhStep(Function):
         # instead of autograd's four over [d_sae, d_in] (div, masked fill, mul, then the sum of two gradients)
         scale = (grad_norms / norms).masked_fill_(norms == 0, 0)
         grad_W_dec.addcmul_(W_dec, scale.to(W_dec.dtype)[:, None])
-        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_theta, grad_W_dec, None, None, None)
+        return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_theta, grad_W_dec, None, None, None, None)
 
 
 def start_thresholds(sae_in: Tensor, W_enc: Tensor, b_enc: Tensor | None, rate: float, chunk: int = 512) -> Tensor:
@@ -243,9 +276,9 @@ class JumpReLUSAE(SAE):
         pre, sae_in = self._encoder_pass(x)  # [batch, d_sae], [batch, d_in]; no autograd yet
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
         if cfg.jumprelu_loss == "tanh":
-            flat_u = fused_entries(pre, theta.detach(), eps)
-            if flat_u is not None:
-                return self._fused_tanh_loss(x, y, pre, sae_in, theta, eps, flat_u, sparsity_scale)
+            entries = fused_entries(pre, theta.detach(), eps)
+            if entries is not None:
+                return self._fused_tanh_loss(x, y, pre, sae_in, theta, eps, *entries, sparsity_scale)
         pre = self._pre_acts_with_grad(x, (pre, sae_in))
         f = _JumpReLU.apply(pre, theta, eps)
         x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec
@@ -266,11 +299,11 @@ class JumpReLUSAE(SAE):
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
-                         flat_u: Tensor, sparsity_scale: float) -> TrainOutput:
+                         flat_u: Tensor, wide: bool, sparsity_scale: float) -> TrainOutput:
         cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         step = _TanhStep.apply(
-            pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, cfg.jumprelu_tanh_scale, eps, flat_u)
+            pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, cfg.jumprelu_tanh_scale, eps, flat_u, wide)
         return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()

@@ -478,21 +478,32 @@ def _sparse_gates(arch: str, kw: dict):
 @pytest.mark.parametrize("kw", [{}, {"apply_b_dec_to_input": True},
                                 {"target": "mlp_out.0", "d_out": 11, "skip": True}],
                          ids=["plain", "b_dec_in", "skip_transcoder"])
-def test_fused_tanh_step_matches_composed_graph(arch, step, kw, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True], ids=["band_sparse", "band_gemm"])
+def test_fused_tanh_step_matches_composed_graph(arch, step, kw, wide, monkeypatch):
     """The tanh-recipe step written as one Function (JumpReLU's `_TanhStep`, Gated's `_GatedTanhStep`: dot products
-    on the entries at or above the gate, bag sums over the estimator's band below it, the pre-activation term on
-    the thresholds only) gives the same loss parts, L0, fired latents and gradients (every parameter, W_skip too)
-    as the composed autograd graph it replaces."""
+    on the entries at or above the gate, the estimator's band below it as bag sums or, when the band is wide, one
+    GEMM, the pre-activation term on the thresholds only) gives the same loss parts, L0, fired latents and gradients
+    (every parameter, W_skip too) as the composed autograd graph it replaces."""
     sae = _sparse_gates(arch, kw)
     x = 2 * torch.randn(40, sae.cfg.d_in)
     target = torch.randn(40, sae.cfg.d_out) if kw.get("target") else None
+    with torch.no_grad():  # shares of the pre-activations at/above the gate and above the band's lower edge
+        pre = sae._encoder_pass(x.to(sae.W_enc.dtype))[0]
+        gate = sae.threshold if arch == "jumprelu" else 0.0
+        at_or_above = float((pre >= gate).float().mean())
+        upper = float((pre > gate - sae.cfg.jumprelu_bandwidth / 2).float().mean())
+    assert 0 < at_or_above < upper  # some entries lie in the band below the gate
+    # between the two shares, the band is too wide for bag sums but the open gates are few: the GEMM branch
+    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", (at_or_above + upper) / 2 if wide else 1.0)
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0 if fused else -1.0)
+        monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", (at_or_above + upper) / 2 if fused else -1.0)
         calls = []
         monkeypatch.setattr(step, "apply", _counting(step.apply, calls))
         out = sae.training_loss(x, sparsity_scale=0.7, target=target)
         assert len(calls) == int(fused)  # the path under test really ran
+        if fused:
+            assert calls[0][-1] is wide  # ... on the branch under test
         results[fused] = out, grads_of(sae, out.loss)
     (out_f, grads_f), (out_c, grads_c) = results[True], results[False]
     assert 0 < float(out_c.l0) < sae.cfg.d_sae / 2
@@ -525,9 +536,23 @@ def test_fused_step_only_when_few_pre_acts_reach_the_band(arch, step, param, den
         calls.clear()
 
 
+def test_fused_entries_picks_the_band_branch_by_density():
+    """Bag sums while the band is narrow, the band's GEMM once it is wide, the composed graph once many gates open."""
+    pre = torch.linspace(-1, 1, 1000).repeat(4, 1)  # the share above t is (1 − t) / 2
+    for theta, eps, want in ((0.9, 0.1, (False, 0.075)),  # 7.5 % above θ − ε/2: bag sums
+                             (0.9, 0.6, (False, 0.2)),  # 20 % above θ − ε/2, 5 % at or above θ: still bag sums
+                             (0.9, 1.0, (True, 0.05)),  # 30 % above θ − ε/2: the GEMM, on the 5 % at or above θ
+                             (0.5, 1.0, None)):  # 25 % at or above θ: the composed graph
+        got = jumprelu.fused_entries(pre, theta, eps)
+        if want is None:
+            assert got is None
+        else:
+            assert got[1] is want[0] and got[0].numel() == pytest.approx(want[1] * pre.numel(), abs=8)
+
+
 def _counting(fn, calls):
     def wrapped(*args, **kwargs):
-        calls.append(1)
+        calls.append(args)
         return fn(*args, **kwargs)
     return wrapped
 
