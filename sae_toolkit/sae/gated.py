@@ -30,7 +30,7 @@ class _GatedTanhStep(Function):
     """
 
     @staticmethod
-    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, r_mag, b_mag, W_dec, c, eps, flat_u, wide):
+    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, r_mag, b_mag, W_dec, c, eps, flat_u, wide, partial):
         n_rows, d_sae = pre.shape
         rows, cols = flat_u // d_sae, flat_u % d_sae
         z = pre.reshape(-1).index_select(0, flat_u)  # π on U
@@ -41,10 +41,13 @@ class _GatedTanhStep(Function):
         f = mag.relu() * (s_z > 0)
         dec = kernels.bag_sum(W_dec, s_cols, kernels.row_offsets(s_rows, n_rows), f)
         t = torch.tanh(c * f)
-        x_sum = sae_in.sum(0)
-        pi_sum = x_sum.to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
-        relu_sum = (torch.zeros_like(b_enc).index_add_(0, s_cols, s_z) - pi_sum).clamp_min_(0)  # Σ_b ReLU(−π)
-        n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(b_enc.dtype)  # [d_sae] #{b: π < 0}
+        if partial:  # U leaves out open gates whose magnitude is ≤ 0: the pre-activation term's sums over `pre`
+            relu_sum = pre.clamp(max=0).sum(0).neg_()  # [d_sae] Σ_b ReLU(−π)
+            n_lt = (pre < 0).sum(0).to(b_enc.dtype)  # [d_sae] #{b: π < 0}
+        else:  # U holds every π ≥ 0: Σ_b ReLU(−π) = −Σ_b π + Σ_S π, with Σ_b π a matvec
+            pi_sum = sae_in.sum(0).to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
+            relu_sum = (torch.zeros_like(b_enc).index_add_(0, s_cols, s_z) - pi_sum).clamp_min_(0)
+            n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(b_enc.dtype)
         opened = f > 0
         fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
         ctx.save_for_backward(sae_in, W_enc, b_enc, b_mag, W_dec, e_r, rows, cols, z, s, s_rows, s_cols, mag, f, t,
@@ -100,7 +103,7 @@ class _GatedTanhStep(Function):
             grad_b_dec = -(torch.zeros_like(b_enc).index_add_(0, cols_o, dpi) @ W_enc.t())
         grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f_o)
         return (None, None, grad_W_enc, grad_b_enc, grad_b_dec, grad_r, grad_b_mag, grad_W_dec, None, None, None,
-                None)
+                None, None)
 
 
 @register
@@ -160,9 +163,9 @@ class GatedSAE(SAE):
         cfg = self.cfg
         computed = self._encoder_pass(x)  # π_gate [batch, d_sae], x̃; no autograd yet
         if cfg.gated_loss == "tanh":
-            entries = fused_entries(computed[0], 0.0, cfg.jumprelu_bandwidth)
+            entries, partial = self._fused_entries(computed[0])
             if entries is not None:
-                return self._fused_tanh_loss(x, y, *computed, *entries, sparsity_scale)
+                return self._fused_tanh_loss(x, y, *computed, *entries, partial, sparsity_scale)
         gate = self._pre_acts_with_grad(x, computed)  # π_gate with grad; sparse ∂W_enc once few gates are open
         h = gate - self.b_enc  # W_encᵀx̃
         mag = h * self.r_mag.exp() + self.b_mag  # π_mag: the same W_enc product, rescaled
@@ -194,13 +197,25 @@ class GatedSAE(SAE):
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 
+    @torch.no_grad()
+    def _fused_entries(self, gate: Tensor) -> tuple[tuple[Tensor, bool] | None, bool]:
+        """`jumprelu.fused_entries` of the gate pre-activations [batch, d_sae], without the entries whose magnitude
+        π_mag = e^r(π − b_gate) + b_mag is ≤ 0 (f = 0 and no gradient: ReLU(π_mag) weighs the gate's estimator),
+        i.e. π ≤ τ = b_gate − b_mag·e^{−r}; and whether that leaves out open gates (some τ ≥ 0).
+
+        Why: trained with the tanh recipe on SmolLM2, b_gate drifts up until most gates are open (48 % at L0 89) and
+        ReLU(π_mag) does the selecting; counted by the gates alone every step took the composed graph."""
+        tau = self.b_enc - self.b_mag * (-self.r_mag).exp()
+        floor = tau - 1e-5 * tau.abs() - 1e-6  # a hair below τ: an entry at the edge is kept, whatever the rounding
+        return fused_entries(gate, 0.0, self.cfg.jumprelu_bandwidth, floor), bool((floor >= 0).any())
+
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor, wide: bool,
-                         sparsity_scale: float) -> TrainOutput:
+                         partial: bool, sparsity_scale: float) -> TrainOutput:
         cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
         step = _GatedTanhStep.apply(
             pre, sae_in, self.W_enc, self.b_enc, b_dec, self.r_mag, self.b_mag, self.W_dec, cfg.jumprelu_tanh_scale,
-            cfg.jumprelu_bandwidth, flat_u, wide)
+            cfg.jumprelu_bandwidth, flat_u, wide, partial)
         return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()

@@ -68,23 +68,28 @@ share lie above θ − ε/2; beyond, as one dense GEMM (`wide_band_sums`). Measu
 ~27 % at L0 112."""
 
 
-def fused_entries(pre: Tensor, theta: Tensor | float, eps: float) -> tuple[Tensor, bool] | None:
+def fused_entries(pre: Tensor, theta: Tensor | float, eps: float,
+                  floor: Tensor | None = None) -> tuple[Tensor, bool] | None:
     """(flat indices, wide) when a fused tanh step applies (eager CPU, float32/64, no autocast, at most
     FUSED_MAX_DENSITY of the entries at or above θ), else None. Reads counts on the host.
 
     wide=False: the indices of the entries above θ − ε/2 (the open gates and the estimator's band), at most
     BAND_BAG_MAX_DENSITY of them. wide=True: more lie in the band; the indices of the entries at or above θ only,
-    the band's sums left to a dense GEMM."""
+    the band's sums left to a dense GEMM. floor [d_sae]: entries at or below it carry no gradient and are left out
+    of both (Gated: its magnitude path ReLU(π_mag) is 0 there)."""
     if (not kernels.host_syncs_ok(pre) or torch.is_autocast_enabled("cpu")
             or pre.dtype not in (torch.float32, torch.float64)):
         return None
     n = pre.numel()
     # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
-    upper = pre > theta - 0.5 * eps * (1 + 1e-4)
+    lower = theta - 0.5 * eps * (1 + 1e-4)
+    upper = pre > (lower if floor is None else torch.maximum(floor, torch.as_tensor(lower, dtype=pre.dtype)))
     n_upper = int(upper.count_nonzero())  # counted first: a nonzero over a band too wide to use would be wasted
     if n_upper <= FUSED_MAX_DENSITY * n:
         return kernels.flat_nonzero(upper), False
     at_or_above = pre >= theta
+    if floor is not None:
+        at_or_above &= pre > floor
     if int(at_or_above.count_nonzero()) > FUSED_MAX_DENSITY * n:
         return None
     if n_upper <= BAND_BAG_MAX_DENSITY * n:

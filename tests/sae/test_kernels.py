@@ -456,7 +456,8 @@ def test_sparse_gates_step_matches_dense_step(arch, monkeypatch):
 
 def _sparse_gates(arch: str, kw: dict):
     """A randomised JumpReLU or Gated SAE with few gates open and a band below them (JumpReLU: decoder rows off unit
-    norm; Gated: magnitudes positive and negative around the gate)."""
+    norm; Gated: magnitudes positive and negative around the gate; "gated_open": most gates open and the
+    magnitudes selecting, as a trained tanh-recipe Gated SAE)."""
     if arch == "jumprelu":
         sae = randomized("jumprelu", seed=9, jumprelu_bandwidth=0.6, **kw)
         with torch.no_grad():
@@ -465,16 +466,21 @@ def _sparse_gates(arch: str, kw: dict):
     else:
         sae = randomized("gated", seed=11, jumprelu_bandwidth=0.6, **kw)
         with torch.no_grad():
-            sae.b_enc.sub_(2.0)
-            sae.b_mag.normal_(0.0, 0.5)
+            if arch == "gated_open":  # τ = b_gate − b_mag·e^{−r} > 0 for about half the latents, < −ε/2 for the rest
+                sae.b_enc.fill_(0.3)
+                sae.b_mag.copy_(torch.where(torch.rand(sae.cfg.d_sae) < 0.5, -1.0, 0.9))
+            else:
+                sae.b_enc.sub_(2.0)
+                sae.b_mag.normal_(0.0, 0.5)
     if kw.get("skip"):
         with torch.no_grad():
             sae.W_skip.normal_()
     return sae
 
 
-@pytest.mark.parametrize("arch,step", [("jumprelu", jumprelu._TanhStep), ("gated", gated._GatedTanhStep)],
-                         ids=["jumprelu", "gated"])
+@pytest.mark.parametrize("arch,step", [("jumprelu", jumprelu._TanhStep), ("gated", gated._GatedTanhStep),
+                                       ("gated_open", gated._GatedTanhStep)],
+                         ids=["jumprelu", "gated", "gated_open"])
 @pytest.mark.parametrize("kw", [{}, {"apply_b_dec_to_input": True},
                                 {"target": "mlp_out.0", "d_out": 11, "skip": True}],
                          ids=["plain", "b_dec_in", "skip_transcoder"])
@@ -482,16 +488,21 @@ def _sparse_gates(arch: str, kw: dict):
 def test_fused_tanh_step_matches_composed_graph(arch, step, kw, wide, monkeypatch):
     """The tanh-recipe step written as one Function (JumpReLU's `_TanhStep`, Gated's `_GatedTanhStep`: dot products
     on the entries at or above the gate, the estimator's band below it as bag sums or, when the band is wide, one
-    GEMM, the pre-activation term on the thresholds only) gives the same loss parts, L0, fired latents and gradients
-    (every parameter, W_skip too) as the composed autograd graph it replaces."""
+    GEMM, the pre-activation term on the thresholds only; Gated without the entries whose magnitude is ≤ 0) gives the
+    same loss parts, L0, fired latents and gradients (every parameter, W_skip too) as the composed autograd graph it
+    replaces."""
     sae = _sparse_gates(arch, kw)
     x = 2 * torch.randn(40, sae.cfg.d_in)
     target = torch.randn(40, sae.cfg.d_out) if kw.get("target") else None
-    with torch.no_grad():  # shares of the pre-activations at/above the gate and above the band's lower edge
+    with torch.no_grad():  # shares of the entries the fused step needs at/above the gate and above the band's edge
         pre = sae._encoder_pass(x.to(sae.W_enc.dtype))[0]
-        gate = sae.threshold if arch == "jumprelu" else 0.0
-        at_or_above = float((pre >= gate).float().mean())
-        upper = float((pre > gate - sae.cfg.jumprelu_bandwidth / 2).float().mean())
+        if arch == "jumprelu":
+            at_or_above, upper = pre >= sae.threshold, pre > sae.threshold - sae.cfg.jumprelu_bandwidth / 2
+        else:  # the magnitude path π_mag > 0 where π > τ = b_gate − b_mag·e^{−r}
+            live = pre > sae.b_enc - sae.b_mag * (-sae.r_mag).exp()
+            at_or_above, upper = (pre >= 0) & live, (pre > -sae.cfg.jumprelu_bandwidth / 2) & live
+            assert ((pre >= 0) & ~live).any() == (arch == "gated_open")  # open gates left out: the partial sums
+        at_or_above, upper = float(at_or_above.double().mean()), float(upper.double().mean())
     assert 0 < at_or_above < upper  # some entries lie in the band below the gate
     # between the two shares, the band is too wide for bag sums but the open gates are few: the GEMM branch
     monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", (at_or_above + upper) / 2 if wide else 1.0)
@@ -502,8 +513,10 @@ def test_fused_tanh_step_matches_composed_graph(arch, step, kw, wide, monkeypatc
         monkeypatch.setattr(step, "apply", _counting(step.apply, calls))
         out = sae.training_loss(x, sparsity_scale=0.7, target=target)
         assert len(calls) == int(fused)  # the path under test really ran
-        if fused:
-            assert calls[0][-1] is wide  # ... on the branch under test
+        if fused:  # ... on the branch under test
+            assert calls[0][10 if arch == "jumprelu" else 11] is wide
+            if arch != "jumprelu":
+                assert calls[0][12] is (arch == "gated_open")
         results[fused] = out, grads_of(sae, out.loss)
     (out_f, grads_f), (out_c, grads_c) = results[True], results[False]
     assert 0 < float(out_c.l0) < sae.cfg.d_sae / 2
