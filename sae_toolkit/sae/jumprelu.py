@@ -180,7 +180,8 @@ class _TanhStep(Function):
         # GEMM when the band is wide (U is then S alone)
         if pre is not None:
             d = pre - theta
-            g_band, n_closed = wide_band_sums((d < 0) & (d > -ctx.eps / 2), g_dec.to(W_dec.dtype))
+            # the closed band θ − ε/2 < π < θ as 0/1 floats, written over d (no second [batch, d_sae] buffer)
+            g_band, n_closed = wide_band_sums(torch.logical_and(d < 0, d > -ctx.eps / 2, out=d), g_dec.to(W_dec.dtype))
         else:
             closed = kernels.flat_nonzero(band.clone().index_fill_(0, s, False))
             c_cols = cols.index_select(0, closed)
