@@ -32,7 +32,8 @@ several; λ 1, ε 0.5: 0.992 / 0.989, L0 2.7, 16 silent. Why ε: the estimator's
 by λ·c·θ/ε through the tanh term (its slope c at f = 0) against the pre-activation term's λ_P: those latents
 stayed parked just above their largest π. At ε 0.5 (λ raised with it to keep the L0 near the toy's, λ 0.5 / 2:
 MMCS 0.973 / 0.999, L0 4.2 / 2.1) they come back. Under --target-l0 ε 0.5 with λ starting at 1 cost SmolLM2
-mlp_out.9 held-out EV (0.866 → 0.858 at L0 16, 0.880 → 0.874 at L0 32, 500k tokens), so steered runs keep ε 2."""
+mlp_out.9 held-out EV (0.866 → 0.858 at L0 16, 0.880 → 0.874 at L0 32, 500k tokens), so steered runs keep ε 2.
+There a fixed-λ run ends at held-out L0 30.7, EV 0.855 (λ 0.2, ε 2: L0 61.5, EV 0.878), below the steered runs."""
 # gated with its default tanh loss: 0.5 (issue-11 toy MMCS 0.948 at 1M tokens, 0.982 on the CI copy; at 0.2 the
 # toy's gates stayed too open: L0 10.8 against 3, MMCS 0.881)
 _DEFAULT_GATED_TANH = 0.5
