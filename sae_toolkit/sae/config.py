@@ -20,8 +20,20 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 # stay well below a typical feature's magnitude on that scale (≈ √(d_in / L0)). Anthropic's April-2024 λ = 5
 # erased most features of the issue-11 toy (d_in 48, 3 active: MMCS 0.43, FVU 0.97); the values below are the
 # largest that still recover ≥ 0.95 of its directions (see tests/training/test_toy_quality.py); jumprelu's 0.2
-# (tanh penalty) is the best of 0.2, 0.5, 1 there (MMCS 0.90, short of 0.95).
+# (tanh penalty) is its starting λ under --target-l0 (the SmolLM2 grid was tuned with it); at a fixed λ the
+# trainer uses FIXED_LAMBDA_JUMPRELU instead.
 _DEFAULT_L1 = {"relu": 2.0, "gated": 4.0, "jumprelu": 0.2}
+FIXED_LAMBDA_JUMPRELU = {"l1_coefficient": 1.0, "jumprelu_bandwidth": 0.5}
+"""jumprelu (tanh loss) defaults when λ stays fixed, i.e. trained without --target-l0 (`fixed_lambda_defaults`).
+Issue-11 toy (d 48, 192 directions, 1M tokens), MMCS seed 0 / 1: λ 0.2, ε 2 (the steered defaults) 0.931 / 0.963,
+L0 7.8 against the toy's 3, 195 of 384 latents never firing and 37 directions covered only by latents that mix
+several; λ 1, ε 0.5: 0.992 / 0.989, L0 2.7, 16 silent. Why ε: the estimator's band |π − θ| < ε/2 = 1 was as wide as
+θ itself (~1 on the normalized scale), so closed gates of latents that never fire sat in it, and each pushed θ up
+by λ·c·θ/ε through the tanh term (its slope c at f = 0) against the pre-activation term's λ_P: those latents
+stayed parked just above their largest π. At ε 0.5 (λ raised with it to keep the L0 near the toy's, λ 0.5 / 2:
+MMCS 0.973 / 0.999, L0 4.2 / 2.1) they come back. Under --target-l0 ε 0.5 with λ starting at 1 cost SmolLM2
+mlp_out.9 held-out EV (0.866 → 0.858 at L0 16, 0.880 → 0.874 at L0 32, 500k tokens), so steered runs keep ε 2.
+There a fixed-λ run ends at held-out L0 30.7, EV 0.855 (λ 0.2, ε 2: L0 61.5, EV 0.878), below the steered runs."""
 # gated with its default tanh loss: 0.5 (issue-11 toy MMCS 0.948 at 1M tokens, 0.982 on the CI copy; at 0.2 the
 # toy's gates stayed too open: L0 10.8 against 3, MMCS 0.881)
 _DEFAULT_GATED_TANH = 0.5
@@ -72,7 +84,8 @@ class SAEConfig:
     l1_coefficient: float | None = None
     """Sparsity coefficient λ: of the L1 penalty for relu (and gated with gated_loss="l1"), of the tanh/L0 penalty
     for jumprelu and gated. None picks the architecture default (for mean norm √d_in: relu 2, gated 0.5 with the
-    tanh loss and 4 with l1, jumprelu 0.2). Unused by topk."""
+    tanh loss and 4 with l1, jumprelu 0.2; the trainer passes 1 for a tanh JumpReLU at a fixed λ,
+    FIXED_LAMBDA_JUMPRELU). Unused by topk."""
 
     decoder_norm_penalty: bool = False
     """relu only: the April-2024 variant, penalty λ Σ fᵢ‖W_dec,i‖ and no unit-norm constraint on decoder rows."""
@@ -125,7 +138,8 @@ class SAEConfig:
 
     jumprelu_bandwidth: float | None = None
     """jumprelu: width ε of the rectangle kernel in the threshold's straight-through gradient (in the units of
-    activations scaled to mean norm √d_in). None: 2 for the tanh loss (Anthropic January 2025), 0.05 for step."""
+    activations scaled to mean norm √d_in). None: 2 for the tanh loss (Anthropic January 2025), 0.05 for step.
+    The trainer passes 0.5 for a tanh JumpReLU trained at a fixed λ (FIXED_LAMBDA_JUMPRELU)."""
 
     jumprelu_init_threshold: float | None = None
     """jumprelu: initial threshold θ of every latent (gated with the tanh loss: −b_gate). None: 1 for the tanh loss,
@@ -277,3 +291,13 @@ def _matryoshka_groups(groups: list[int] | None, d_sae: int) -> list[int]:
 def _check_nonneg(name: str, v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise SAEToolkitError(f"{name}={v!r} must be a non-negative finite number")
+
+
+def fixed_lambda_defaults(arch: str, jumprelu_loss: str = "tanh") -> dict[str, float]:
+    """SAEConfig values the trainer uses in place of the defaults when λ stays fixed (no target L0):
+    FIXED_LAMBDA_JUMPRELU for a tanh JumpReLU, nothing for the other archs.
+
+    >>> fixed_lambda_defaults("jumprelu"), fixed_lambda_defaults("gated"), fixed_lambda_defaults("jumprelu", "step")
+    ({'l1_coefficient': 1.0, 'jumprelu_bandwidth': 0.5}, {}, {})
+    """
+    return dict(FIXED_LAMBDA_JUMPRELU) if arch == "jumprelu" and jumprelu_loss == "tanh" else {}

@@ -28,7 +28,7 @@ from sae_toolkit.activations.pairs import open_store, split_batch
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.files import MARKER, only_names, remove_owned, replace_dir, write_marker
 from sae_toolkit.sae import SAEConfig, TrainOutput, fold_scales_, make_sae
-from sae_toolkit.sae.config import TOPK_FAMILY
+from sae_toolkit.sae.config import TOPK_FAMILY, fixed_lambda_defaults
 from sae_toolkit.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -155,9 +155,13 @@ class Trainer:
     def _sae_config(self) -> SAEConfig:
         cfg = self.cfg
         topk_family = cfg.arch in TOPK_FAMILY
+        # λ fixed (no target L0): a tanh JumpReLU takes its fixed-λ defaults (sae.config.FIXED_LAMBDA_JUMPRELU)
+        fixed = fixed_lambda_defaults(cfg.arch, cfg.jumprelu_loss) if cfg.target_l0 is None else {}
         return SAEConfig(
             arch=cfg.arch, d_in=self.d_in, d_sae=self.d_sae, k=cfg.k if topk_family else None,
-            hookpoint=cfg.hookpoint, model=self.store.model, l1_coefficient=cfg.l1_coefficient,
+            hookpoint=cfg.hookpoint, model=self.store.model,
+            l1_coefficient=fixed.get("l1_coefficient") if cfg.l1_coefficient is None else cfg.l1_coefficient,
+            jumprelu_bandwidth=fixed.get("jumprelu_bandwidth"),
             decoder_norm_penalty=cfg.decoder_norm_penalty, k_aux=cfg.k_aux if topk_family else None,
             aux_coefficient=cfg.aux_coefficient, multi_topk=cfg.multi_topk, jumprelu_loss=cfg.jumprelu_loss,
             gated_loss=cfg.gated_loss,
