@@ -206,9 +206,11 @@ class Writer:
             while (item := self.queue.get()) is not None:
                 seq, tokens, rows = item
                 end = seq + len(tokens)
+                # each dataset on its own: a writer killed between two resizes leaves them at different lengths
                 if end > tokens_dset.shape[0]:
                     tokens_dset.resize(end, axis=0)
-                    for dset in acts.values():
+                for dset in acts.values():
+                    if end * ctx > dset.shape[0]:
                         dset.resize(end * ctx, axis=0)
                 tokens_dset[seq:end] = tokens
                 for name, batch_rows in rows.items():

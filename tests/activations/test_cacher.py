@@ -189,10 +189,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         n_killed = int(f.attrs["n_seqs"])
     assert 0 < n_killed < 250, n_killed
     assert "INCOMPLETE" in describe(str(killed))
-    # Junk rows past n_seqs (what a writer killed mid-batch leaves) must be overwritten by the resume.
+    # Junk rows past n_seqs (what a writer killed mid-batch leaves) must be overwritten by the resume, and datasets
+    # left at different lengths (killed between the writer's resizes: tokens grown past the next batch, the
+    # activations by 2 sequences) grown as each needs.
     with h5py.File(killed, "r+") as f:
-        for dset in (f["tokens"], f["acts/mlp_out.1"]):  # the writer grows datasets per batch: make room
-            rows = (n_killed + 2) * (32 if dset.name.startswith("/acts") else 1)
+        for dset, seqs in ((f["tokens"], 8), (f["acts/mlp_out.1"], 2)):
+            rows = (n_killed + seqs) * (32 if dset.name.startswith("/acts") else 1)
             dset.resize(max(rows, dset.shape[0]), axis=0)
         f["tokens"][n_killed : n_killed + 2] = 7
         f["acts/mlp_out.1"][n_killed * 32 : (n_killed + 2) * 32] = 1234.0
