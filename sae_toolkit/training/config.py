@@ -132,8 +132,8 @@ class TrainConfig:
     """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
     resample: bool | None = None
     """relu: resample dead latents (Anthropic 2023) at resample_fractions of training; jumprelu and gated (tanh
-    loss): re-point dead and starving latents at residual directions, their thresholds set to fire at the run's rate
-    (training/resample.py). None: on for relu, and for jumprelu under target_l0 (not for transcoders)."""
+    loss): re-point dead and starving latents at residual directions, their thresholds set to fire at a tenth of the
+    run's rate (training/resample.py). None: on for relu, and for jumprelu under target_l0 (not for transcoders)."""
     resample_fractions: tuple[float, ...] | None = None
     """Points of training (fractions of the steps) where dead latents are resampled. None: (0.125, 0.25, 0.375,
     0.5) for relu, (0.25, 0.5, 0.75) for jumprelu and gated."""

@@ -6,12 +6,12 @@ proportional to the square of their reconstruction loss; the decoder row becomes
 at unit norm, the encoder column the same direction at 0.2 × the mean encoder norm of live latents, the
 encoder bias 0 — and the Adam moments of the touched entries are zeroed so stale momentum does not undo it.
 
-JumpReLU / Gated (`resample_thresholded_`): dead latents, and starving ones (firing on under STARVING_SHARE of the
-run's rate on the sample), are re-pointed at the residual x − x̂ of inputs drawn in proportion to their reconstruction
+JumpReLU / Gated (`resample_thresholded_`): dead latents, and starving ones (firing on under STARVING_RATE of the
+sample), are re-pointed at the residual x − x̂ of inputs drawn in proportion to their reconstruction
 loss (without replacement). The decoder row is that unit residual direction d; the encoder column is d with the span
 of the high-norm rows projected out (OUTLIER_DIMS), so that π = d'·(x − b_dec); the threshold (JumpReLU θ, Gated
-−b_gate) is set from the sample so that the latent fires on ~rate of the rows, as `init_thresholds_` starts every
-latent under --target-l0. Adam: momentum zeroed, second moment set to the live latents' mean.
+−b_gate) is set from the sample so that the latent fires on NEW_RATE_SHARE of the run's rate (`init_thresholds_`, as
+every latent starts under --target-l0). Adam: momentum zeroed, second moment set to the live latents' mean.
 
 Why each piece (SmolLM2 mlp_out.9, JumpReLU, L0 16, 500k tokens; training FVU ~0.16 before a resampling point):
 - A thresholded latent dies when its θ ends above every pre-activation it sees; from then nothing but the
@@ -70,9 +70,16 @@ def resample_dead_latents_(sae: SAE, optimizer: torch.optim.Optimizer, dead: Ten
     return n_dead
 
 
-STARVING_SHARE = 0.1
-"""A latent firing on fewer than this share of `rate` × the sample's rows counts as dead (at L0 16 of 4608 latents on
-16k rows: fewer than 6 rows, a rate below ~3.5e-4; a ~10k-row held-out check sees many such latents dead)."""
+NEW_RATE_SHARE = 0.1
+"""A resampled latent's threshold is set so that it fires on this share of the run's rate. At the full rate the new
+latents, all pointed at badly reconstructed rows, fired together on those rows and overshot them: at L0 32 the 429
+latents resampled at 3/4 of the run took the training FVU from 0.11 to 6.9, with no time left to recover (held-out EV
+0.833 against 0.880 unresampled); at a quarter 0.873, at a tenth 0.878 (L0 16: 0.865, as unresampled)."""
+STARVING_RATE = 3.5e-4
+"""A latent firing on fewer than this share of the sample's rows counts as dead: 5 or fewer of 16k rows, an expected
+~4 on a ~10k-row held-out check, which sees many such latents dead. Absolute, not a share of the target rate: at a
+tenth of the target rate (the same at L0 16 of 4608 latents) the L0-32 run resampled 194/359/715 latents that were
+learning and lost 0.036 held-out EV."""
 OUTLIER_MULTIPLE = 4.0
 """Rows whose ‖x − b_dec‖ exceeds this multiple of the sample's median are the high-norm rows."""
 OUTLIER_DIMS = 8
@@ -82,15 +89,16 @@ OUTLIER_DIMS = 8
 @torch.no_grad()
 def resample_thresholded_(sae: SAE, optimizer: torch.optim.Optimizer, dead: Tensor, inputs: Tensor,
                           generator: torch.Generator, rate: float | None = None) -> int:
-    """Re-initialise the dead latents (`dead` [d_sae] bool) and the starving ones (STARVING_SHARE) of a JumpReLU or
-    tanh-Gated SAE so each fires on ~rate of `inputs` [n, d_in]; returns how many were resampled. rate: None takes
-    the SAE's mean L0 on inputs / d_sae. generator: a CPU generator (reproducible, saved with checkpoints)."""
+    """Re-initialise the dead latents (`dead` [d_sae] bool) and the starving ones (STARVING_RATE) of a JumpReLU or
+    tanh-Gated SAE so each fires on ~NEW_RATE_SHARE · rate of `inputs` [n, d_in]; returns how many were resampled.
+    rate: the run's firing rate (target L0 / d_sae); None takes the SAE's mean L0 on inputs / d_sae. generator: a CPU
+    generator (reproducible, saved with checkpoints)."""
     x = inputs.to(sae.W_dec.device, sae.W_dec.dtype)
     f = sae.encode(x)
     if rate is None:
         rate = float((f > 0).float().mean())
     rate = min(max(rate, 1.0 / x.shape[0]), 0.5)  # at least one row of the sample
-    dead = dead.to(x.device) | ((f > 0).sum(0) < max(1.0, STARVING_SHARE * rate * x.shape[0]))
+    dead = dead.to(x.device) | ((f > 0).sum(0) < max(1.0, STARVING_RATE * x.shape[0]))
     n_dead = int(dead.sum())
     if n_dead == 0:
         return 0
@@ -114,7 +122,7 @@ def resample_thresholded_(sae: SAE, optimizer: torch.optim.Optimizer, dead: Tens
         sae.b_mag[idx] = offset
     else:
         sae.b_enc[idx] = offset
-    sae.init_thresholds_(x, rate, latents=idx)
+    sae.init_thresholds_(x, rate * NEW_RATE_SHARE, latents=idx)
     alive = ~dead
     for name, param in sae.named_parameters():
         dim = 1 if name == "W_enc" else 0 if param.shape[:1] == (sae.cfg.d_sae,) else None
