@@ -172,6 +172,9 @@ class _TanhStep(Function):
 
 
 START_OUTLIER_MULTIPLE = 4.0
+"""`start_thresholds` takes its quantiles over the rows within this multiple of the median ‖x − mean‖: 1 % of the
+SmolLM2 mlp_out.9 rows have 6–17× the median norm and would set the top quantile of any latent not orthogonal to
+them (jumprelu L0 16: 1.9 % dead latents instead of 2.2 %, EV 0.866 either way; 0 disables)."""
 
 
 def start_thresholds(sae_in: Tensor, W_enc: Tensor, b_enc: Tensor | None, rate: float, chunk: int = 512,
