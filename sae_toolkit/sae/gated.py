@@ -219,11 +219,16 @@ class GatedSAE(SAE):
         return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()
-    def init_thresholds_(self, x: Tensor, rate: float) -> None:
+    def init_thresholds_(self, x: Tensor, rate: float, latents: Tensor | None = None) -> None:
         """gated_loss="tanh": set b_gate from the sample x [n, d_in] so that every gate starts open on ~rate of the
-        rows (`jumprelu.start_thresholds` of W_encᵀx̃, as JumpReLUSAE.init_thresholds_). No-op for "l1"."""
-        if self.cfg.gated_loss == "tanh":
+        rows (`jumprelu.start_thresholds` of W_encᵀx̃, as JumpReLUSAE.init_thresholds_). latents: [m] indices to set
+        (uncapped, as JumpReLU's); None: all. No-op for "l1"."""
+        if self.cfg.gated_loss != "tanh":
+            return
+        if latents is None:
             self.b_enc.copy_(-start_thresholds(self._sae_in(x), self.W_enc, None, rate))
+        else:
+            self.b_enc[latents] = -start_thresholds(self._sae_in(x), self.W_enc[:, latents], None, rate, cap=False)
 
     def _fold_extra_(self, scale: float) -> None:
         self.b_mag.div_(scale)

@@ -131,9 +131,12 @@ class TrainConfig:
     dead_window_tokens: int | None = None
     """A latent is dead when it has not fired in this many tokens. None: min(10M (Gao et al.), tokens / 8)."""
     resample: bool | None = None
-    """relu: resample dead latents (Anthropic 2023) at resample_fractions of training. None: on for relu."""
-    resample_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5)
-    """Points of training (fractions of the steps) where dead latents are resampled."""
+    """relu: resample dead latents (Anthropic 2023) at resample_fractions of training; jumprelu and gated (tanh
+    loss): re-point dead and starving latents at residual directions, their thresholds set to fire at a tenth of the
+    run's rate (training/resample.py). None: on for relu, and for jumprelu under target_l0 (not for transcoders)."""
+    resample_fractions: tuple[float, ...] | None = None
+    """Points of training (fractions of the steps) where dead latents are resampled. None: (0.125, 0.25, 0.375,
+    0.5) for relu, (0.25, 0.5, 0.75) for jumprelu and gated."""
     resample_sample: int = 16384
     """Inputs scored to choose resampling directions."""
 
@@ -174,6 +177,8 @@ class TrainConfig:
         for name in ("lr_decay_fraction", "l1_warmup_fraction", "topk_start_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SAEToolkitError(f"{name}={getattr(self, name)!r} must be between 0 and 1")
+        if self.resample_fractions is None:
+            self.resample_fractions = (0.125, 0.25, 0.375, 0.5) if self.arch == "relu" else (0.25, 0.5, 0.75)
         self.resample_fractions = tuple(float(f) for f in self.resample_fractions)
         if any(not 0.0 < f < 1.0 for f in self.resample_fractions):
             raise SAEToolkitError(f"resample_fractions={self.resample_fractions} must lie strictly between 0 and 1")
@@ -182,11 +187,15 @@ class TrainConfig:
         if self.resample and self.target:
             raise SAEToolkitError("dead-latent resampling is not implemented for transcoders; set resample=False "
                                   "(or use arch topk, whose AuxK loss revives dead latents)")
+        thresholded = self.arch == "jumprelu" or (self.arch == "gated" and self.gated_loss == "tanh")
         if self.resample is None:
-            self.resample = self.arch == "relu" and not self.target
-        if self.resample and self.arch != "relu":
-            raise SAEToolkitError(f"resample applies to relu SAEs, not {self.arch!r} (topk/batchtopk revive dead "
-                                  "latents with AuxK); set resample=False")
+            # not gated by default: on SmolLM2 at L0 16 its resampled latents died again (2.6 → 4.1 % dead)
+            self.resample = not self.target and (self.arch == "relu" or (self.arch == "jumprelu"
+                                                                         and self.target_l0 is not None))
+        if self.resample and self.arch != "relu" and not thresholded:
+            what = f"{self.arch!r}" + (f" with gated_loss={self.gated_loss!r}" if self.arch == "gated" else "")
+            raise SAEToolkitError(f"resample applies to relu, jumprelu and gated (gated_loss='tanh') SAEs, not {what} "
+                                  "(topk/batchtopk revive dead latents with AuxK); set resample=False")
         if self.target_l0 is not None:
             if self.arch not in ("relu", "gated", "jumprelu"):
                 raise SAEToolkitError(f"target_l0 steers the sparsity coefficient of relu, gated and jumprelu; arch "

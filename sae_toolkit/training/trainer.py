@@ -306,10 +306,13 @@ class Trainer:
         return self.tokens_since_fired >= self.dead_window
 
     def resample(self, bar: Any = None) -> int:
-        from sae_toolkit.training.resample import resample_dead_latents_
+        from sae_toolkit.training.resample import resample_dead_latents_, resample_thresholded_
 
         inputs = self.store.sample(self.cfg.resample_sample, seed=1 + self.step)
-        n = resample_dead_latents_(self.sae, self.opt, self.dead_mask(), inputs, self.generator)
+        if self.cfg.arch == "relu":
+            n = resample_dead_latents_(self.sae, self.opt, self.dead_mask(), inputs, self.generator)
+        else:  # jumprelu, tanh gated: thresholds from data at the run's start rate (or its current L0 without target)
+            n = resample_thresholded_(self.sae, self.opt, self.dead_mask(), inputs, self.generator, self._init_rate())
         self.tokens_since_fired[self.dead_mask()] = 0
         if bar is not None and n:
             bar.write(f"step {self.step}: resampled {n} dead latents")
