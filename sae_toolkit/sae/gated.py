@@ -19,9 +19,11 @@ class _GatedTanhStep(Function):
     sparse (the Gated counterpart of `jumprelu._TanhStep`).
 
     Forward (no autograd inside), on U = {π > −ε/2} (flat row-major indices `flat_u`; with `wide` U = {π ≥ 0} and the
-    backward takes the band below the gate from `pre` as one GEMM, `jumprelu.wide_band_sums`): f = ReLU(π_mag)·1[π > 0]
-    with π_mag = e^{r_mag}(π − b_gate) + b_mag; returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae]
-    bool, number of open gates). The same values and gradients as the composed graph in `GatedSAE.training_loss`:
+    backward takes the band below the gate from `pre` as one GEMM, `jumprelu.wide_band_sums`), less the entries whose
+    magnitude is ≤ 0 (`GatedSAE._fused_entries`; `partial`: open gates among them, so the pre-activation term's
+    per-latent sums are taken over `pre`): f = ReLU(π_mag)·1[π > 0] with π_mag = e^{r_mag}(π − b_gate) + b_mag;
+    returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae] bool, number of open gates). The same
+    values and gradients as the composed graph in `GatedSAE.training_loss`:
     - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
       (1/ε) Σ_{|π| < ε/2} ∂L/∂f·ReLU(π_mag)) takes the band below the gate as bag sums of g's rows per latent,
       weighted by ReLU(π_mag),
