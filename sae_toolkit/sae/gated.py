@@ -207,9 +207,12 @@ class GatedSAE(SAE):
 
         Why: trained with the tanh recipe on SmolLM2, b_gate drifts up until most gates are open (48 % at L0 89) and
         ReLU(π_mag) does the selecting; counted by the gates alone every step took the composed graph."""
+        if not kernels.host_syncs_ok(gate):  # GPU, torch.compile: the composed graph, and no host sync for it
+            return None, False
         tau = self.b_enc - self.b_mag * (-self.r_mag).exp()
         floor = tau - 1e-5 * tau.abs() - 1e-6  # a hair below τ: an entry at the edge is kept, whatever the rounding
-        return fused_entries(gate, 0.0, self.cfg.jumprelu_bandwidth, floor), bool((floor >= 0).any())
+        entries = fused_entries(gate, 0.0, self.cfg.jumprelu_bandwidth, floor)
+        return entries, entries is not None and bool((floor >= 0).any())
 
     def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, flat_u: Tensor, wide: bool,
                          partial: bool, sparsity_scale: float) -> TrainOutput:
