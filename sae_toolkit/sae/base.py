@@ -218,6 +218,12 @@ class SAE(nn.Module, ABC):
         norm = torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True, dtype=dt)
         self.W_dec.div_(norm.clamp_min(1e-12).to(self.W_dec.dtype))
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the parameters back into the set the architecture trains in (the trainer calls it after every
+        optimizer step, after normalize_decoder_). Default: nothing; GatedSAE keeps its magnitude positive wherever
+        its gate opens."""
+
     # ---- initialisation and normalisation --------------------------------------------------------------------
 
     @torch.no_grad()

@@ -25,8 +25,8 @@ class _GatedTanhStep(Function):
     returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae] bool, number of open gates). The same
     values and gradients as the composed graph in `GatedSAE.training_loss`:
     - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
-      (1/ε) Σ_{|π| < ε/2} ∂L/∂f·ReLU(π_mag)) takes the band below the gate as bag sums of g's rows per latent,
-      weighted by ReLU(π_mag),
+      (1/ε) Σ_{|π| < ε/2} ∂L/∂H, ∂L/∂H = g·W_dec,i·ReLU(π_mag) + g_pen·tanh(c·ReLU(π_mag))) takes the band below the
+      gate as bag sums of g's rows per latent, weighted by ReLU(π_mag), plus per-latent sums of tanh(c·ReLU(π_mag)),
     - the pre-activation term sees W_encᵀx̃ detached (`GatedSAE`): its gradient is −#{b: π < 0} on b_gate only, and
       its value Σ_b ReLU(−π) = −Σ_b π + Σ_{π ≥ 0} π takes Σ_b π as a matvec.
     """
@@ -70,15 +70,16 @@ class _GatedTanhStep(Function):
         cols_o, z_o = cols.index_select(0, s_o), z.index_select(0, s_o)
         f_o, t_o, mag_o = (v.index_select(0, t_s.order) for v in (f, t, mag))
         # ∂L/∂f on S: the reconstruction's g·W_dec,i plus the tanh term's g_pen·c·sech²
-        dldf = (kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
-                + (g_pen * c) * (1 - t_o * t_o))
-        # the gate's estimator over its band: ∂L/∂H = ∂L/∂f·ReLU(π_mag); below the gate (f = 0, sech² = 1) only as
-        # per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of g's rows, or one GEMM for a wide band) +
-        # g_pen·c·Σ_b ReLU(π_mag)
+        g_w = kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
+        dldf = g_w + (g_pen * c) * (1 - t_o * t_o)
+        # the gate's estimator over its band: ∂L/∂H = g·W_dec,i·ReLU(π_mag) + g_pen·tanh(c·ReLU(π_mag)) (the
+        # penalty's whole jump); below the gate only as per-latent sums W_dec,i · Σ_b ReLU(π_mag)·g_b (bag sums of
+        # g's rows, or one GEMM for a wide band) + g_pen·Σ_b tanh(c·ReLU(π_mag))
         if pre is not None:
             # ReLU(π_mag) = ReLU(e^r·π + b_mag − e^r·b_gate) on the band −ε/2 < π < 0, zero elsewhere
             w = torch.addcmul(b_mag - e_r * b_enc, pre, e_r).relu_().mul_((pre < 0) & (pre > -eps / 2))
-            g_band, w_sum = wide_band_sums(w, g_dec.to(W_dec.dtype))
+            g_band, _ = wide_band_sums(w, g_dec.to(W_dec.dtype))
+            jump_sum = w.mul_(c).tanh_().sum(0)
         else:
             below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
             l_cols, l_z = cols.index_select(0, below), z.index_select(0, below)
@@ -88,10 +89,11 @@ class _GatedTanhStep(Function):
             g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, below).index_select(0, order),
                                      kernels.row_offsets(l_cols.index_select(0, order), d_sae),
                                      l_w.index_select(0, order))  # [d_sae, d_out]
-            w_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w)
+            jump_sum = torch.zeros_like(b_enc).index_add_(0, l_cols, l_w.mul_(c).tanh_())
         band_o = z_o < eps / 2
-        band_sum = (g_band.mul_(W_dec).sum(-1).to(b_enc.dtype) + (g_pen * c) * w_sum.to(b_enc.dtype)).index_add_(
-            0, cols_o[band_o], (dldf * mag_o.relu())[band_o])
+        mag_b = mag_o[band_o].relu()
+        band_sum = (g_band.mul_(W_dec).sum(-1).to(b_enc.dtype) + g_pen * jump_sum.to(b_enc.dtype)).index_add_(
+            0, cols_o[band_o], g_w[band_o] * mag_b + g_pen * torch.tanh(c * mag_b))
         dm = dldf * (f_o > 0)  # ∂L/∂π_mag on S: f = ReLU(π_mag) where the gate is open
         e_o = e_r.index_select(0, cols_o)
         grad_r = torch.zeros_like(e_r).index_add_(0, cols_o, dm * (z_o - b_enc.index_select(0, cols_o)) * e_o)
@@ -119,7 +121,12 @@ class GatedSAE(SAE):
         ‖x − x̂‖² + λ Σᵢ tanh(c·fᵢ) + λ_P Σᵢ ReLU(−π_gate,i)   (W_encᵀx̃ detached there: it trains b_gate only),
     the gate's Heaviside H(π_gate) passing a straight-through gradient to b_gate (rectangle kernel of width ε, as
     JumpReLU's threshold; c, ε, λ_P are the jumprelu_* fields; decoder rows have unit norm) and b_gate starting at
-    −jumprelu_init_threshold (under --target-l0 from data, `init_thresholds_`). gated_loss="l1" is the paper's
+    −jumprelu_init_threshold (under --target-l0 from data, `init_thresholds_`). The estimator charges an opening
+    gate the penalty's whole jump tanh(c·ReLU(π_mag)) (the penalty written tanh(c·ReLU(π_mag))·H(π_gate), equal in
+    value), not its slope at 0 times the jump, c·ReLU(π_mag): that overcharged latents with a large magnitude at
+    the gate c·ReLU(π_mag)/tanh(c·ReLU(π_mag)) times (≈ 7× at the typical 1.9) and left 2.8 % of them dead at
+    L0 16 on SmolLM2. After every optimizer step `project_` keeps the magnitude positive wherever the gate opens.
+    gated_loss="l1" is the paper's
         ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
     the last term decoding with a detached copy of W_dec and b_dec so only the gate path learns from it; its L1
     trains the shared W_enc like a ReLU SAE's, which on SmolLM2 activations cost it ~0.1 EV against the tanh
@@ -140,8 +147,12 @@ class GatedSAE(SAE):
     @property
     def steering_lr_scales(self) -> dict[str, float]:
         """lr factors under --target-l0 (training.trainer.param_groups): with the tanh loss b_gate is the
-        threshold, and learns 10× faster as JumpReLU's does (see JumpReLUSAE.steering_lr_scales)."""
-        return {"b_enc": 10.0} if self.cfg.gated_loss == "tanh" else {}
+        threshold, and learns 3× faster so that the L0 follows the steered λ (JumpReLU's θ: 10×, see
+        JumpReLUSAE.steering_lr_scales). Not 10×: where `project_` has tied a latent's two thresholds (its jump at
+        the gate is 0, so neither the estimator nor the penalty pushes its gate shut) Adam turns the pre-activation
+        term's small pull on b_gate into full steps, and at 10× the gates ratcheted open (toy, target L0 3: b_gate
+        median −1.3 → +2.5, L0 4.2); at 1× the L0 lagged λ (SmolLM2 L0 16: 20.6 on the last batches, 54.4 for 64)."""
+        return {"b_enc": 3.0} if self.cfg.gated_loss == "tanh" else {}
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[..., d_in] → (π_gate, π_mag), each [..., d_sae]."""
@@ -174,10 +185,12 @@ class GatedSAE(SAE):
         skip = self.skip_out(x) if cfg.skip else 0.0  # [batch, d_out]
         if cfg.gated_loss == "tanh":
             # H(π_gate) = H(h − (−b_gate)); the step's estimator sends ∂/∂b_gate = (1/ε)·K(π_gate/ε)·∂L/∂H, and
-            # ∂L/∂H = ReLU(π_mag)·∂L/∂f: JumpReLU's −(θ/ε)·K·∂L/∂f with the jump ReLU(π_mag) at the gate
-            f = mag.relu() * _Step.apply(h, -self.b_enc, cfg.jumprelu_bandwidth)
+            # ∂L/∂H = ReLU(π_mag)·∂L/∂f for the reconstruction (JumpReLU's −(θ/ε)·K·∂L/∂f with the jump ReLU(π_mag)
+            # at the gate) and the penalty's whole jump tanh(c·ReLU(π_mag)), written so: tanh(c·f) = tanh(c·m)·H
+            opened = _Step.apply(h, -self.b_enc, cfg.jumprelu_bandwidth)
+            f = mag.relu() * opened
             x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec + skip
-            penalty = self._row_sum(torch.tanh(cfg.jumprelu_tanh_scale * f)).mean()
+            penalty = self._row_sum(torch.tanh(cfg.jumprelu_tanh_scale * mag.relu()) * opened).mean()
             parts = {
                 "mse": self._mse(y, x_hat),
                 "l0": cfg.l1_coefficient * sparsity_scale * penalty,
@@ -198,6 +211,26 @@ class GatedSAE(SAE):
         }
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """gated_loss="tanh": where the magnitude's threshold lies above the gate's (τ = b_gate − b_mag·e^{−r_mag} > 0,
+        on the W_encᵀx̃ scale −b_mag·e^{−r} > −b_gate), move both to their midpoint: b_gate −= τ/2, b_mag += e^r·τ/2.
+        Then τ ≤ 0: the magnitude is positive wherever the gate opens, a latent fires exactly where its gate opens,
+        and the gate's threshold is the one the estimator and the pre-activation term train. The trainer calls it
+        after every optimizer step.
+
+        Why: unconstrained, b_gate drifts up (median +1.8 at L0 92 on SmolLM2, 48 % of the gates open) and ReLU(π_mag)
+        does the selecting. A latent whose magnitude is ≤ 0 wherever its gate opens gets no gradient from the
+        reconstruction, the penalty, the gate's estimator (its jump ReLU(π_mag) at the gate is 0) or the
+        pre-activation term (on b_gate), and stays dead. Why the midpoint: raising b_mag alone let the
+        pre-activation term ratchet b_gate and b_mag up together (the penalty cannot push a latent with a zero
+        jump shut; on the toy L0 ran away from its target), lowering b_gate alone left the magnitude's threshold
+        without a pull (1.7 % dead at L0 32 on SmolLM2)."""
+        if self.cfg.gated_loss == "tanh":
+            half = (self.b_enc - self.b_mag * (-self.r_mag).exp()).clamp_(min=0).div_(2)  # [d_sae] τ/2 where τ > 0
+            self.b_enc.sub_(half)
+            self.b_mag.add_(half.mul_(self.r_mag.exp()))
 
     @torch.no_grad()
     def _fused_entries(self, gate: Tensor) -> tuple[tuple[Tensor, bool] | None, bool]:

@@ -20,7 +20,8 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
 
     loss_fn: a compiled `sae.training_loss`, or one behind DistributedDataParallel (default: the eager one).
     For unit-norm archs the gradient component parallel to each decoder row is removed before the step and the
-    rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5).
+    rows renormalized after it — every step, so the constraint never drifts (DESIGN.md §5); then `sae.project_()`
+    (Gated: its magnitude's threshold kept at or below the gate's).
     """
     if lr is not None:
         for group in opt.param_groups:
@@ -38,6 +39,7 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
     opt.zero_grad(set_to_none=True)
     if sae.unit_norm_decoder:
         sae.normalize_decoder_()
+    sae.project_()
     return out
 
 

@@ -150,8 +150,12 @@ def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
     band = (gate.detach().abs() < eps / 2).double()
     torch.testing.assert_close(g, (band * mag.detach().relu() * dl_df).sum(0) / eps)
     assert g.abs().sum() > 0
-    # the penalty pushes gates shut (never opens one) and the pre-activation term pulls them open
-    assert (grads_of(sae, out.parts["l0"])["b_enc"] >= 0).all()
+    # the penalty pushes gates shut (never opens one) by its whole jump tanh(c·ReLU(π_mag)) over the band, not by
+    # its slope at 0 times the jump (c·ReLU(π_mag): c = 4× too much for a small magnitude at the gate, more for a
+    # large one); the pre-activation term pulls them open
+    g = grads_of(sae, out.parts["l0"])["b_enc"]
+    torch.testing.assert_close(g, 0.5 * lam * (band * torch.tanh(c * mag.detach().relu())).sum(0) / eps / x.shape[0])
+    assert (g >= 0).all() and (g > 0).any()
     g = grads_of(sae, out.parts["pre_act"])  # −λ_P·#{π_gate < 0}/batch on b_gate, nothing else (h detached)
     torch.testing.assert_close(g["b_enc"], -sae.cfg.jumprelu_pre_act_coefficient
                                * (gate.detach() < 0).double().sum(0) / x.shape[0])
@@ -163,6 +167,38 @@ def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
     assert fresh.cfg.jumprelu_init_threshold == 1.0 and fresh.cfg.jumprelu_bandwidth == 2.0
     with pytest.raises(SAEToolkitError, match="gated_loss='hinge'"):
         SAEConfig(arch="gated", d_in=D_IN, d_sae=D_SAE, gated_loss="hinge")
+
+
+@pytest.mark.parametrize("gated_loss", ["tanh", "l1"])
+def test_gated_projection_opens_the_magnitude_wherever_the_gate_opens(gated_loss):
+    """project_ (after every optimizer step), tanh recipe: where the magnitude's threshold lies above the gate's
+    (τ = b_gate − b_mag·e^{−r} > 0) both move to their midpoint, so τ = 0 and the latent fires exactly where its gate
+    opens; latents with τ ≤ 0 and the "l1" loss are left as they are."""
+    sae = randomized("gated", seed=5, gated_loss=gated_loss)
+    with torch.no_grad():
+        sae.b_enc.add_(0.5)  # gates open where the magnitude is still ≤ 0, as unconstrained training drifts
+    x = torch.randn(512, D_IN, dtype=torch.float64)
+
+    def state():
+        with torch.no_grad():
+            gate, mag = sae._paths(x)
+            return sae.b_enc - sae.b_mag * (-sae.r_mag).exp(), ((gate > 0) & (mag <= 0)).any(0)
+
+    tau, shut = state()
+    assert (tau > 0).any() and (tau < 0).any() and shut.any()
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    sae.project_()
+    moved = {n for n, p in sae.named_parameters() if not torch.equal(p, before[n])}
+    if gated_loss == "l1":
+        assert not moved
+        return
+    assert moved == {"b_enc", "b_mag"}
+    for name in ("b_enc", "b_mag"):  # untouched where τ ≤ 0
+        torch.testing.assert_close(getattr(sae, name)[tau <= 0], before[name][tau <= 0], rtol=0, atol=0)
+    # the midpoint on the W_encᵀx̃ scale: the gate's threshold −b_gate rose by τ/2, the magnitude's fell by τ/2
+    torch.testing.assert_close(-sae.b_enc[tau > 0], -before["b_enc"][tau > 0] + tau[tau > 0] / 2)
+    tau_after, shut_after = state()
+    assert (tau_after[tau > 0].abs() < 1e-12).all() and not shut_after.any()
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "gated"])

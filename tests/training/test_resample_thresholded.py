@@ -113,9 +113,13 @@ def test_trainer_revives_latents_that_never_fire(small, tmp_path, capsys, arch):
     with torch.no_grad():
         stuck = trainer.sae.log_threshold[killed] >= 10.0 if arch == "jumprelu" else trainer.sae.b_enc[killed] <= -1e4
     assert not stuck.any()
-    # most of them still fire at the end (measured: all 16 for jumprelu, 11 for gated, whose latents die in this
-    # tiny toy anyway: 6 of 128 without the killing)
-    assert int((trainer.tokens_since_fired[killed] < cfg.dead_window_tokens).sum()) >= 10
+    # every one of them fired after its resampling (step 15 of 30), and for jumprelu most in the last 4 batches
+    # (measured: all 16; gated 6: its resampled latents start at a tenth of the target rate, ~1.6 expected firings
+    # in that window, and since the penalty charges the whole jump tanh(c·ReLU(π_mag)) its latents no longer die in
+    # this tiny toy: 128 of 128 fire at the end without the killing, 122 before)
+    assert bool((trainer.tokens_since_fired[killed] < 14 * cfg.batch_size).all())
+    if arch == "jumprelu":
+        assert int((trainer.tokens_since_fired[killed] < cfg.dead_window_tokens).sum()) >= 10
 
 
 def test_starving_latents_are_resampled_too():
