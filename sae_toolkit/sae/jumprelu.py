@@ -134,36 +134,51 @@ class LatentMajorEntries(NamedTuple):
     dz: Tensor
     """[n_s] π − θ on S (≥ 0)."""
 
-    closed: Tensor
-    """[d_sae, batch] bool: the estimator's band below θ, θ − ε/2 < π < θ (closed gates)."""
+    closed_flat: Tensor | None
+    """[n_c] latent-major flat indices of the estimator's band below θ, θ − ε/2 < π < θ (closed gates); None when
+    the band is wide."""
+
+    closed: Tensor | None
+    """Wide band: [d_sae, batch] bool mask of that band, for one GEMM (`wide_band_sums`); None otherwise."""
 
     wide: bool
-    """True: the band is too wide for bag sums (more than BAND_BAG_MAX_DENSITY above θ − ε/2); its sums run as one
-    GEMM over `closed` (`wide_band_sums`)."""
+    """True: the band is too wide for bag sums (more than BAND_BAG_MAX_DENSITY above θ − ε/2)."""
 
 
 def latent_major_entries(pre_t: Tensor, theta: Tensor, eps: float) -> LatentMajorEntries | None:
     """The entries of the latent-major pre-activations pre_t [d_sae, batch] the fused tanh step needs, or None when
     it does not apply: the same rule as `fused_entries` (eager CPU, float32/64, no autocast, at most
     FUSED_MAX_DENSITY at or above θ; the band as bag sums while at most BAND_BAG_MAX_DENSITY lie above θ − ε/2).
-    Reads counts on the host. When it applies, pre_t is overwritten with π − θ (no second [d_sae, batch] buffer).
+    Reads counts on the host. A wide band overwrites pre_t with π − θ (no second [d_sae, batch] buffer).
 
     The band is taken exactly as the composed graph's kernel 1[|π − θ| < ε/2] on π < θ: with d = π − θ rounded
-    once, d < 0 ⇔ π < θ and |d| < ε/2 ⇔ d > −ε/2 there."""
+    once, d < 0 ⇔ π < θ and |d| < ε/2 ⇔ d > −ε/2 there. One pass over [d_sae, batch] finds U = {π > θ − ε/2}
+    (a hair lower, so that rounding loses no band entry); S and the band are then split off U's index list, which
+    keeps its latent-major order."""
     if (not kernels.host_syncs_ok(pre_t) or torch.is_autocast_enabled("cpu")
             or pre_t.dtype not in (torch.float32, torch.float64)):
         return None
-    n = pre_t.numel()
-    at = pre_t >= theta[:, None]  # ⇔ π − θ ≥ 0 exactly
-    n_at = kernels.count_true(at)
-    if n_at > FUSED_MAX_DENSITY * n:
-        return None
-    s_flat = kernels.flat_nonzero(at)
-    z = pre_t.reshape(-1).index_select(0, s_flat)
-    d = pre_t.sub_(theta[:, None])  # π − θ, in place: π itself is needed only on S
-    closed = (d > -eps / 2).logical_xor_(at)  # θ − ε/2 < π < θ: at ⊂ {d > −ε/2}
-    wide = n_at + kernels.count_true(closed) > max(FUSED_MAX_DENSITY, BAND_BAG_MAX_DENSITY) * n
-    return LatentMajorEntries(s_flat, z, d.reshape(-1).index_select(0, s_flat), closed, wide)
+    n, n_rows = pre_t.numel(), pre_t.shape[1]
+    upper = pre_t > (theta - 0.5 * eps * (1 + 1e-4))[:, None]
+    n_upper = kernels.count_true(upper)
+    if n_upper > FUSED_MAX_DENSITY * n:
+        at = pre_t >= theta[:, None]  # ⇔ π − θ ≥ 0 exactly
+        if kernels.count_true(at) > FUSED_MAX_DENSITY * n:
+            return None
+        if n_upper > BAND_BAG_MAX_DENSITY * n:  # wide: the band as a dense mask
+            s_flat = kernels.flat_nonzero(at)
+            z = pre_t.reshape(-1).index_select(0, s_flat)
+            d = pre_t.sub_(theta[:, None])  # π − θ, in place: π itself is needed only on S
+            closed = (d > -eps / 2).logical_xor_(at)  # θ − ε/2 < π < θ: at ⊂ {d > −ε/2}
+            return LatentMajorEntries(s_flat, z, d.reshape(-1).index_select(0, s_flat), None, closed, True)
+    u_flat = kernels.flat_nonzero(upper)
+    z = pre_t.reshape(-1).index_select(0, u_flat)
+    du = z - theta.index_select(0, u_flat // n_rows)  # π − θ on U
+    in_s = du >= 0
+    s = kernels.flat_nonzero(in_s)
+    closed = kernels.flat_nonzero(torch.logical_and(du > -eps / 2, in_s.logical_not_()))
+    return LatentMajorEntries(u_flat.index_select(0, s), z.index_select(0, s), du.index_select(0, s),
+                              u_flat.index_select(0, closed), None, False)
 
 
 def _latent_offsets(flat: Tensor, n_rows: int, n_latents: int) -> Tensor:
@@ -215,10 +230,9 @@ class _TanhStep(Function):
             closed_rows = closed_offsets = None
             closed, n_closed = e.closed, None
         else:  # the band's entries latent-major: each latent's bag of rows, no sort
-            closed_flat = kernels.flat_nonzero(e.closed)
-            closed_rows = closed_flat % n_rows
-            closed_offsets, closed = _latent_offsets(closed_flat, n_rows, d_sae), None
-            n_closed = torch.diff(closed_offsets, append=closed_offsets.new_full((1,), closed_flat.numel()))
+            closed_rows = e.closed_flat % n_rows
+            closed_offsets, closed = _latent_offsets(e.closed_flat, n_rows, d_sae), None
+            n_closed = torch.diff(closed_offsets, append=closed_offsets.new_full((1,), e.closed_flat.numel()))
         ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, s_rows, s_cols, s_offsets, e.dz, f, t, relu_sum,
                               n_lt, n_closed, closed_rows, closed_offsets, closed)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None

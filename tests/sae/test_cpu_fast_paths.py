@@ -79,23 +79,33 @@ def test_jumprelu_band_in_bf16_moves_only_the_threshold_gradient(native_bf16, mo
             assert torch.equal(g_lo[name], g_hi[name]), name
 
 
-def test_latent_major_entries_take_the_composed_graphs_band_exactly(monkeypatch):
-    """S = {π ≥ θ} and the closed band θ − ε/2 < π < θ come out latent-major, exactly as the composed graph's
-    rectangle kernel 1[|π − θ| < ε/2] on π < θ, entries on both edges included; π on S and π − θ there."""
-    monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", 1.0)
+@pytest.mark.parametrize("wide", [False, True], ids=["band_indices", "band_mask"])
+def test_latent_major_entries_take_the_composed_graphs_band_exactly(wide, monkeypatch):
+    """S = {π ≥ θ} and the closed band θ − ε/2 < π < θ come out latent-major (indices, or a mask when the band is
+    wide), exactly as the composed graph's rectangle kernel 1[|π − θ| < ε/2] on π < θ, entries on both edges
+    included; π on S and π − θ there."""
     torch.manual_seed(0)
     d_sae, n, eps = 9, 40, 0.5
     theta = torch.rand(d_sae, dtype=torch.float64) + 0.2
     pre_t = theta[:, None] + torch.randn(d_sae, n, dtype=torch.float64)
     pre_t[:, 0] = theta  # at θ: in S, f = 0
     pre_t[:, 1] = theta - eps / 2  # on the band's lower edge (excluded by |π − θ| < ε/2 whenever it rounds to it)
+    pre_t[:, 2] = torch.nextafter(theta - eps / 2, theta)  # just inside
     want_s = (pre_t >= theta[:, None]).reshape(-1).nonzero().squeeze(1)
     want_closed = ((pre_t - theta[:, None]).abs() < eps / 2) & (pre_t < theta[:, None])
+    assert want_closed[:, 2].all()
+    # wide: more than FUSED_MAX_DENSITY above θ − ε/2 (the bag branch's limit), fewer at or above θ
+    at_share = float((pre_t >= theta[:, None]).double().mean())
+    monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", (at_share + float(want_closed.double().mean()) / 2) if wide
+                        else 1.0)
+    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", 0.0 if wide else 1.0)
     e = jumprelu.latent_major_entries(pre_t.clone(), theta, eps)
-    assert e is not None and not e.wide
+    assert e is not None and e.wide is wide
     assert torch.equal(e.s_flat, want_s)
-    assert torch.equal(e.closed, want_closed)
+    if wide:
+        assert e.closed_flat is None and torch.equal(e.closed, want_closed)
+    else:
+        assert e.closed is None and torch.equal(e.closed_flat, want_closed.reshape(-1).nonzero().squeeze(1))
     assert torch.equal(e.z, pre_t.reshape(-1)[want_s])
     assert torch.equal(e.dz, (pre_t - theta[:, None]).reshape(-1)[want_s])
 
