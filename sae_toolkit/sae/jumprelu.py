@@ -173,12 +173,23 @@ def latent_major_entries(pre_t: Tensor, theta: Tensor, eps: float) -> LatentMajo
             return LatentMajorEntries(s_flat, z, d.reshape(-1).index_select(0, s_flat), None, closed, True)
     u_flat = kernels.flat_nonzero(upper)
     z = pre_t.reshape(-1).index_select(0, u_flat)
-    du = z - theta.index_select(0, u_flat // n_rows)  # π − θ on U
+    du = z - theta.index_select(0, _latent_of(u_flat, n_rows))  # π − θ on U
     in_s = du >= 0
     s = kernels.flat_nonzero(in_s)
     closed = kernels.flat_nonzero(torch.logical_and(du > -eps / 2, in_s.logical_not_()))
     return LatentMajorEntries(u_flat.index_select(0, s), z.index_select(0, s), du.index_select(0, s),
                               u_flat.index_select(0, closed), None, False)
+
+
+def _latent_of(flat: Tensor, n_rows: int) -> Tensor:
+    """Latent of latent-major flat indices: flat // n_rows, as a shift when n_rows is a power of two (int64
+    division costs ~2 ns per entry on CPU, 1 ms for the ~500k entries of a trained SAE's band)."""
+    return flat >> (n_rows.bit_length() - 1) if n_rows & (n_rows - 1) == 0 else flat // n_rows
+
+
+def _row_of(flat: Tensor, n_rows: int) -> Tensor:
+    """Row (token) of latent-major flat indices: flat % n_rows, as a mask when n_rows is a power of two."""
+    return flat & (n_rows - 1) if n_rows & (n_rows - 1) == 0 else flat % n_rows
 
 
 def _latent_offsets(flat: Tensor, n_rows: int, n_latents: int) -> Tensor:
@@ -210,8 +221,7 @@ class _TanhStep(Function):
         d_sae, n_rows = pre_t.shape
         e = entries
         norms = torch.linalg.vector_norm(W_dec, dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
-        s_cols = e.s_flat // n_rows
-        s_rows = e.s_flat - s_cols * n_rows
+        s_cols, s_rows = _latent_of(e.s_flat, n_rows), _row_of(e.s_flat, n_rows)
         s_offsets = _latent_offsets(e.s_flat, n_rows, d_sae)
         f = e.z * (e.dz > 0)  # JumpReLU output on S
         by_row = kernels.argsort_keys(s_rows, n_rows)  # stable: each row's latents ascending, as a row-major scan
@@ -230,7 +240,7 @@ class _TanhStep(Function):
             closed_rows = closed_offsets = None
             closed, n_closed = e.closed, None
         else:  # the band's entries latent-major: each latent's bag of rows, no sort
-            closed_rows = e.closed_flat % n_rows
+            closed_rows = _row_of(e.closed_flat, n_rows)
             closed_offsets, closed = _latent_offsets(e.closed_flat, n_rows, d_sae), None
             n_closed = torch.diff(closed_offsets, append=closed_offsets.new_full((1,), e.closed_flat.numel()))
         ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, s_rows, s_cols, s_offsets, e.dz, f, t, relu_sum,

@@ -153,3 +153,35 @@ def test_row_dots_match_vecdot(dtype):
     torch.testing.assert_close(kernels.row_dots(a.t().contiguous().t(), b), torch.linalg.vecdot(a, b))
     a.requires_grad_()
     torch.testing.assert_close(kernels.row_dots(a, b), torch.linalg.vecdot(a, b))  # autograd: vecdot
+
+
+@pytest.mark.parametrize("n_rows", [64, 48], ids=["power_of_two_batch", "other_batch"])
+@pytest.mark.parametrize("wide", [False, True], ids=["band_indices", "band_mask"])
+def test_fused_jumprelu_step_matches_composed_graph_at_any_batch(n_rows, wide, monkeypatch):
+    """float64: the fused step (latent-major entries; shifts and masks for the row and latent of a flat index when
+    the batch is a power of two) gives the composed graph's loss, L0 and gradients."""
+    sae = randomized("jumprelu", seed=9, jumprelu_bandwidth=0.6)
+    with torch.no_grad():
+        sae.log_threshold.add_(1.6)
+    x = 2 * torch.randn(n_rows, sae.cfg.d_in, dtype=torch.float64)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        at = float((pre >= sae.threshold).double().mean())
+        upper = float((pre > sae.threshold - 0.3).double().mean())
+    assert 0 < at < upper
+    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", (at + upper) / 2 if wide else 1.0)
+    calls, results = [], {}
+    real_apply = jumprelu._TanhStep.apply
+    monkeypatch.setattr(jumprelu._TanhStep, "apply", lambda *a: calls.append(a) or real_apply(*a))
+    for fused in (True, False):
+        monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", (at + upper) / 2 if fused else -1.0)
+        out = sae.training_loss(x, sparsity_scale=0.7)
+        results[fused] = out, grads_of(sae, out.loss)
+    assert len(calls) == 1 and calls[0][10] is wide
+    (out_f, g_f), (out_c, g_c) = results[True], results[False]
+    torch.testing.assert_close(out_f.loss, out_c.loss)
+    torch.testing.assert_close(out_f.l0, out_c.l0)
+    assert torch.equal(out_f.fired, out_c.fired)
+    for name in g_c:
+        assert g_c[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_f[name], g_c[name], msg=name)
