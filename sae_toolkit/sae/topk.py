@@ -101,7 +101,8 @@ class TopKSAE(SAE):
           the sparse kernels; fixed shapes, no host sync, no early exit (the loss is multiplied by "any dead").
         - compact (eager CPU): the dead columns gathered into a [batch, n_dead] block and handled with dense
           GEMMs; with k_aux ≈ n_dead/2 (10 % dead) that block is half full, and a GEMM is ~10× cheaper per
-          multiply-add than the sparse gathers — and a batch without dead latents costs nothing.
+          multiply-add than the sparse gathers — and a batch without dead latents costs nothing. In bf16 with
+          float32 accumulation where the CPU has native bf16 (`kernels.LOW_PRECISION_SUMS`).
         """
         zero = x_hat.new_zeros(())
         if dead_mask is None or self.cfg.aux_coefficient == 0:
