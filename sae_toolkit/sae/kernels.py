@@ -50,13 +50,14 @@ LOW_PRECISION_SUMS = os.environ.get("SAE_TOOLKIT_FP32_SUMS") != "1"
 """On eager CPU with native bf16 dot products (avx512_bf16 / amx_bf16), run two float32 sums in bf16 with float32
 accumulation: AuxK's dead-block GEMMs (`sparse_*_with_block`; one thread at [1024, 460] × [460, 576]: 2.8-3.0 ms
 against 6.0-6.2, four per step) and the JumpReLU threshold estimator's band sums (450k rows of g: 10.4 ms against
-16.0). Inputs are rounded to bf16 (relative error ≤ 2⁻⁹ each), sums are float32. On the benchmark's steps (d_in 576,
-4608 latents, batch 1024) that moves the AuxK loss by 2·10⁻⁵ relative, the dead latents' gradients by 6·10⁻⁴ (norm),
-b_dec's by 8·10⁻⁵ and the live latents' not at all; JumpReLU's θ gradient by 1.3·10⁻³ and nothing else. float64,
-other devices and autocast are untouched. The price: rounding a value
-that a reduction produced does not commute with splitting the batch, so DDP and one process no longer agree to
-float32 noise on the dead latents (max |ΔW| 7·10⁻³ after 10 Adam steps in tests/training/test_distributed.py,
-6·10⁻⁸ in float32). False, or SAE_TOOLKIT_FP32_SUMS=1 in the environment: float32 throughout."""
+16.0; a wide band's GEMM 28 against 57). Inputs are rounded to bf16 (relative error ≤ 2⁻⁹ each), sums are float32.
+On the benchmark's steps (d_in 576, 4608 latents, batch 1024) that moves the AuxK loss by 2·10⁻⁵ relative, the dead
+latents' gradients by 6·10⁻⁴ (norm), b_dec's by 8·10⁻⁵ and the live latents' not at all; JumpReLU's θ gradient by
+1.3·10⁻³ (1.7·10⁻³ with a wide band) and nothing else. float64, other devices and autocast are untouched. The
+price: rounding a value that a reduction produced does not commute with splitting the batch, so DDP and one process
+no longer agree to float32 noise on the dead latents (max |ΔW| 7·10⁻³ after 10 Adam steps in
+tests/training/test_distributed.py, 6·10⁻⁸ in float32). False, or SAE_TOOLKIT_FP32_SUMS=1 in the environment:
+float32 throughout."""
 
 
 @functools.cache

@@ -56,20 +56,25 @@ def test_auxk_block_in_bf16_stays_within_its_rounding(arch, native_bf16, monkeyp
     assert not kernels.bf16_ok(torch.zeros(2, dtype=torch.float64))
 
 
-def test_jumprelu_band_in_bf16_moves_only_the_threshold_gradient(native_bf16, monkeypatch):
-    """float32 fused JumpReLU step: the band's bag sums in bf16 change θ's gradient by bf16 rounding only; every
-    other gradient and the loss are the float32 path's."""
+@pytest.mark.parametrize("wide", [False, True], ids=["band_bag_sums", "band_gemm"])
+def test_jumprelu_band_in_bf16_moves_only_the_threshold_gradient(wide, native_bf16, monkeypatch):
+    """float32 fused JumpReLU step: the band's bag sums (or, when wide, its GEMM) in bf16 change θ's gradient by
+    bf16 rounding only; every other gradient and the loss are the float32 path's."""
     sae = _float32(randomized("jumprelu", seed=9, jumprelu_bandwidth=0.6))
     with torch.no_grad():
         sae.log_threshold.add_(1.6)
     x = 2 * torch.randn(200, sae.cfg.d_in)
-    monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", 1.0)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        at = float((pre >= sae.threshold).double().mean())
+        upper = float((pre > sae.threshold - 0.3).double().mean())
+    monkeypatch.setattr(jumprelu, "FUSED_MAX_DENSITY", (at + upper) / 2 if wide else 1.0)
+    monkeypatch.setattr(jumprelu, "BAND_BAG_MAX_DENSITY", 0.0 if wide else 1.0)
     calls = []
     real_apply = jumprelu._TanhStep.apply
     monkeypatch.setattr(jumprelu._TanhStep, "apply", lambda *a: calls.append(a) or real_apply(*a))
     res = _both_precisions(sae, lambda: sae.training_loss(x), monkeypatch)
-    assert len(calls) == 2 and calls[0][10] is False  # the fused step, band as bag sums
+    assert len(calls) == 2 and calls[0][10] is wide  # the fused step, on the branch under test
     (lo, g_lo), (hi, g_hi) = res[True], res[False]
     assert torch.equal(lo.loss, hi.loss)
     for name in g_hi:
