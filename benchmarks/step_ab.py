@@ -9,6 +9,7 @@ busy machine disturbs far less than wall time on one thread. One JSON line per c
 
     git archive 6d1877c sae_toolkit | tar -x -C /tmp/base      # the tree before the round
     PYTHONPATH=. python benchmarks/step_ab.py --baseline /tmp/base --only topk_dead10 jumprelu_l0k_band
+    PYTHONPATH=. python benchmarks/step_ab.py --bf16-only --only jumprelu_sparse2_band   # the bf16 sums alone
 """
 
 from __future__ import annotations
@@ -67,14 +68,19 @@ def _with(switches: dict, step: Callable[[torch.Tensor], None]) -> Callable[[tor
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", type=Path, required=True, help="a tree holding sae_toolkit/ before the round")
+    p.add_argument("--baseline", type=Path, help="a tree holding sae_toolkit/ before the round")
     p.add_argument("--only", nargs="+", default=["topk_dead10", "topk_nodead", "jumprelu_l0k_band",
                                                  "jumprelu_l0k", "jumprelu_sparse2_band"])
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bf16-only", action="store_true",
+                   help='"old" = this tree with only kernels.LOW_PRECISION_SUMS off (no --baseline needed)')
     args = p.parse_args(argv)
+    if not args.bf16_only and args.baseline is None:
+        p.error("--baseline is required unless --bf16-only")
     torch.set_num_threads(args.threads)
-    switches = _switches(_old_jumprelu(args.baseline))
+    switches = ({(kernels, "LOW_PRECISION_SUMS"): False} if args.bf16_only
+                else _switches(_old_jumprelu(args.baseline)))
     cpu = torch.device("cpu")
     batches = tt._batches(576, 1024, cpu)
     steps = {}
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only:
         new, old = (statistics.median(times[(name, v)][2:]) for v in ("new", "old"))
         print(json.dumps({"contender": name, "new_ms": round(1000 * new, 1), "old_ms": round(1000 * old, 1),
-                          "old_over_new": round(old / new, 3), "threads": args.threads, "rounds": args.rounds}))
+                          "old_over_new": round(old / new, 3), "old": "fp32 sums" if args.bf16_only else "baseline",
+                          "threads": args.threads, "rounds": args.rounds}))
 
 
 if __name__ == "__main__":
