@@ -204,8 +204,8 @@ class SAE(nn.Module, ABC):
         dt = torch.promote_types(self.W_dec.dtype, torch.float32)  # bf16 rows: project in float32
         W = self.W_dec.detach().to(dt)
         g = self.W_dec.grad.to(dt)
-        # vecdot / vector_norm: no [d_sae, d_in] temporaries (this runs every step)
-        coef = torch.linalg.vecdot(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-12)  # [d_sae]
+        # row dots / vector_norm: no [d_sae, d_in] temporaries (this runs every step)
+        coef = kernels.row_dots(g, W) / torch.linalg.vector_norm(W, dim=-1).square().clamp_min(1e-12)  # [d_sae]
         if g.data_ptr() == self.W_dec.grad.data_ptr():
             self.W_dec.grad.addcmul_(coef[:, None], W, value=-1)  # in one pass, no [d_sae, d_in] temporary
         else:

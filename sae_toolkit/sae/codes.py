@@ -8,6 +8,8 @@ were several times slower on the project's 2-core machine; on a GPU and under to
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -48,12 +50,61 @@ def host_syncs_ok(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+PARALLEL_NONZERO_MIN = 1 << 20
+"""`flat_nonzero` splits masks of at least this many entries into pieces of at least half as many, one per thread
+of torch's intra-op count (at most 8), scanned in Python threads (numpy releases the GIL while it scans): 6.2 →
+3.4 ms for 453k of 4.7M entries with 2 threads."""
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _nonzero_pool() -> ThreadPoolExecutor | None:
+    """A thread pool of torch.get_num_threads() workers (at most 8) for this process (None with one thread).
+    Re-created after a fork (the child has none of the parent's threads) or when the thread count changes."""
+    global _pool
+    n = min(torch.get_num_threads(), 8)
+    if n < 2:
+        return None
+    if _pool is None or _pool[:2] != (os.getpid(), n):
+        _pool = (os.getpid(), n, ThreadPoolExecutor(n, thread_name_prefix="sae-toolkit-nonzero"))
+    return _pool[2]
+
+
 def flat_nonzero(mask: Tensor) -> Tensor:
-    """[nnz] int64 flat (row-major) indices of the True entries of a bool mask. Eager CPU: numpy's single-threaded
-    flatnonzero (5 ms for 4.7M entries against torch's 7-20 ms two-pass parallel nonzero on the 2-core machine)."""
+    """[nnz] int64 flat (row-major) indices of the True entries of a bool mask. Eager CPU: numpy's flatnonzero
+    (5 ms for 4.7M entries against torch's 7-20 ms two-pass parallel nonzero on the 2-core machine), on
+    contiguous pieces in parallel threads for large masks (`PARALLEL_NONZERO_MIN`)."""
     if _eager_cpu(mask) and mask.is_contiguous():
-        return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
+        a = mask.numpy().reshape(-1)
+        pool = _nonzero_pool() if a.size >= PARALLEL_NONZERO_MIN else None
+        if pool is None:
+            return torch.from_numpy(np.flatnonzero(a).astype(np.int64, copy=False))
+        n_pieces = max(1, min(_pool[1], 2 * a.size // max(PARALLEL_NONZERO_MIN, 1)))
+        bounds = np.linspace(0, a.size, n_pieces + 1).astype(np.int64)
+
+        def piece(i: int) -> np.ndarray:
+            return np.flatnonzero(a[bounds[i]:bounds[i + 1]]).astype(np.int64, copy=False) + bounds[i]
+
+        return torch.from_numpy(np.concatenate(list(pool.map(piece, range(len(bounds) - 1)))))
     return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def count_true(mask: Tensor) -> int:
+    """Number of True entries of a bool mask, read on the host. Eager CPU: numpy's count_nonzero (0.2 ms for 4.7M
+    entries against 1.0 ms for torch's on one thread)."""
+    if _eager_cpu(mask) and mask.is_contiguous():
+        return int(np.count_nonzero(mask.numpy()))
+    return int(mask.count_nonzero())
+
+
+def max_true_per_row(mask: Tensor) -> int:
+    """The largest number of True entries in any row of a [n, m] bool mask (0 for no rows), read on the host. Eager
+    CPU: numpy's count_nonzero along rows (torch sums a bool mask through an int64 copy: 1.8 ms at [1024, 460])."""
+    if mask.shape[0] == 0:
+        return 0
+    if _eager_cpu(mask) and mask.is_contiguous():
+        return int(np.count_nonzero(mask.numpy(), axis=1).max())
+    return int(mask.sum(-1).max())
 
 
 def positive_code(pre: Tensor, mask: Tensor | None = None) -> SparseActs:

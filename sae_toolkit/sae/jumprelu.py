@@ -4,6 +4,7 @@ estimators, with Anthropic's January-2025 tanh penalty (default) or the paper's 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -84,22 +85,27 @@ def fused_entries(pre: Tensor, theta: Tensor | float, eps: float,
     # a hair below θ − ε/2 so that every entry of the estimator's band |π − θ| < ε/2 is in, whatever the rounding
     lower = theta - 0.5 * eps * (1 + 1e-4)
     upper = pre > (lower if floor is None else torch.maximum(floor, torch.as_tensor(lower, dtype=pre.dtype)))
-    n_upper = int(upper.count_nonzero())  # counted first: a nonzero over a band too wide to use would be wasted
+    n_upper = kernels.count_true(upper)  # counted first: a nonzero over a band too wide to use would be wasted
     if n_upper <= FUSED_MAX_DENSITY * n:
         return kernels.flat_nonzero(upper), False
     at_or_above = pre >= theta
     if floor is not None:
         at_or_above &= pre > floor
-    if int(at_or_above.count_nonzero()) > FUSED_MAX_DENSITY * n:
+    if kernels.count_true(at_or_above) > FUSED_MAX_DENSITY * n:
         return None
     if n_upper <= BAND_BAG_MAX_DENSITY * n:
         return kernels.flat_nonzero(upper), False
     return kernels.flat_nonzero(at_or_above), True
 
 
-def wide_band_sums(weights: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def wide_band_sums(weights: Tensor, g: Tensor, low_precision: bool = False) -> tuple[Tensor, Tensor]:
     """(weightsᵀ g [d_sae, d_out], Σ_b weights [d_sae]) for the estimator's band below the gate given densely as
-    weights [batch, d_sae] (0 outside the band): one GEMM for a band too wide for per-entry bag sums."""
+    weights [batch, d_sae] (0 outside the band): one GEMM for a band too wide for per-entry bag sums.
+    low_precision: the GEMM in bf16 with float32 accumulation (exact 0/1 weights, g rounded; 57 → 28 ms at
+    [4608, 1024] × [1024, 576] on one thread), the sums of the weights in float32; callers check `kernels.bf16_ok`."""
+    if low_precision:
+        w16 = weights.to(torch.bfloat16)
+        return (w16.t() @ g.to(torch.bfloat16)).to(g.dtype), w16.sum(0, dtype=g.dtype)
     weights = weights.to(g.dtype)
     return weights.t() @ g, weights.sum(0)
 
@@ -119,89 +125,165 @@ def fused_tanh_output(sae: SAE, x: Tensor, y: Tensor, step: tuple[Tensor, ...], 
     return TrainOutput(sum(parts.values()), x_hat, fired, n_open.float() / n_rows, parts)
 
 
-class _TanhStep(Function):
-    """The tanh-recipe latent step from precomputed pre-activations, with its whole backward written out sparse.
+class LatentMajorEntries(NamedTuple):
+    """Where a JumpReLU training batch's pre-activations lie relative to θ, found on the latent-major π [d_sae, batch]
+    (`latent_major_entries`), for the fused tanh step. Latent-major flat indices come out grouped by latent with
+    rows ascending: the order of every per-latent sum of the backward, so no index list is ever sorted by latent."""
 
-    Forward (no autograd inside): f = π·1[π > θ] on U = {π > θ − ε/2} (flat row-major indices `flat_u`; with `wide`
-    U = {π ≥ θ} and the backward takes the band below θ from `pre` as one GEMM, `wide_band_sums`), returns
-    (f W_dec [batch, d_out], Σ tanh(c·f·n), Σ ReLU(θ − π)·n, fired [d_sae] bool, number of open gates), n = ‖W_dec,i‖.
-    The same values and gradients as the composed autograd graph (`_JumpReLU` + `adaptive_decode` + the two
-    penalty terms), but:
-    - ∂L/∂f is a dot product g[row]·W_dec[col] per entry at or above θ, and the band below θ (closed gates) enters
-      θ's estimator only as per-latent sums W_dec,i · Σ_band g_b (bag sums of g's rows), instead of the dense g W_decᵀ,
+    s_flat: Tensor
+    """[n_s] latent-major flat indices of S = {π ≥ θ} (ReLU(θ − π) = 0 there; ⊇ the open gates, = unless π = θ)."""
+
+    z: Tensor
+    """[n_s] π on S."""
+
+    dz: Tensor
+    """[n_s] π − θ on S (≥ 0)."""
+
+    closed_flat: Tensor | None
+    """[n_c] latent-major flat indices of the estimator's band below θ, θ − ε/2 < π < θ (closed gates); None when
+    the band is wide."""
+
+    closed: Tensor | None
+    """Wide band: [d_sae, batch] bool mask of that band, for one GEMM (`wide_band_sums`); None otherwise."""
+
+    wide: bool
+    """True: the band is too wide for bag sums (more than BAND_BAG_MAX_DENSITY above θ − ε/2)."""
+
+
+def latent_major_entries(pre_t: Tensor, theta: Tensor, eps: float) -> LatentMajorEntries | None:
+    """The entries of the latent-major pre-activations pre_t [d_sae, batch] the fused tanh step needs, or None when
+    it does not apply: the same rule as `fused_entries` (eager CPU, float32/64, no autocast, at most
+    FUSED_MAX_DENSITY at or above θ; the band as bag sums while at most BAND_BAG_MAX_DENSITY lie above θ − ε/2).
+    Reads counts on the host. A wide band overwrites pre_t with π − θ (no second [d_sae, batch] buffer).
+
+    The band is taken exactly as the composed graph's kernel 1[|π − θ| < ε/2] on π < θ: with d = π − θ rounded
+    once, d < 0 ⇔ π < θ and |d| < ε/2 ⇔ d > −ε/2 there. One pass over [d_sae, batch] finds U = {π > θ − ε/2}
+    (a hair lower, so that rounding loses no band entry); S and the band are then split off U's index list, which
+    keeps its latent-major order."""
+    if (not kernels.host_syncs_ok(pre_t) or torch.is_autocast_enabled("cpu")
+            or pre_t.dtype not in (torch.float32, torch.float64)):
+        return None
+    n, n_rows = pre_t.numel(), pre_t.shape[1]
+    upper = pre_t > (theta - 0.5 * eps * (1 + 1e-4))[:, None]
+    n_upper = kernels.count_true(upper)
+    if n_upper > FUSED_MAX_DENSITY * n:
+        at = pre_t >= theta[:, None]  # ⇔ π − θ ≥ 0 exactly
+        if kernels.count_true(at) > FUSED_MAX_DENSITY * n:
+            return None
+        if n_upper > BAND_BAG_MAX_DENSITY * n:  # wide: the band as a dense mask
+            s_flat = kernels.flat_nonzero(at)
+            z = pre_t.reshape(-1).index_select(0, s_flat)
+            d = pre_t.sub_(theta[:, None])  # π − θ, in place: π itself is needed only on S
+            closed = (d > -eps / 2).logical_xor_(at)  # θ − ε/2 < π < θ: at ⊂ {d > −ε/2}
+            return LatentMajorEntries(s_flat, z, d.reshape(-1).index_select(0, s_flat), None, closed, True)
+    u_flat = kernels.flat_nonzero(upper)
+    z = pre_t.reshape(-1).index_select(0, u_flat)
+    du = z - theta.index_select(0, _latent_of(u_flat, n_rows))  # π − θ on U
+    in_s = du >= 0
+    s = kernels.flat_nonzero(in_s)
+    closed = kernels.flat_nonzero(torch.logical_and(du > -eps / 2, in_s.logical_not_()))
+    return LatentMajorEntries(u_flat.index_select(0, s), z.index_select(0, s), du.index_select(0, s),
+                              u_flat.index_select(0, closed), None, False)
+
+
+def _latent_of(flat: Tensor, n_rows: int) -> Tensor:
+    """Latent of latent-major flat indices: flat // n_rows, as a shift when n_rows is a power of two (int64
+    division costs ~2 ns per entry on CPU, 1 ms for the ~500k entries of a trained SAE's band)."""
+    return flat >> (n_rows.bit_length() - 1) if n_rows & (n_rows - 1) == 0 else flat // n_rows
+
+
+def _row_of(flat: Tensor, n_rows: int) -> Tensor:
+    """Row (token) of latent-major flat indices: flat % n_rows, as a mask when n_rows is a power of two."""
+    return flat & (n_rows - 1) if n_rows & (n_rows - 1) == 0 else flat % n_rows
+
+
+def _latent_offsets(flat: Tensor, n_rows: int, n_latents: int) -> Tensor:
+    """[n_latents] start of each latent's entries in sorted latent-major flat indices (latent = flat // n_rows)."""
+    return torch.searchsorted(flat, torch.arange(n_latents, device=flat.device, dtype=flat.dtype) * n_rows)
+
+
+class _TanhStep(Function):
+    """The tanh-recipe latent step from precomputed latent-major pre-activations, with its whole backward written
+    out sparse.
+
+    Forward (no autograd inside), from `latent_major_entries`: f = π·1[π > θ] on S = {π ≥ θ}; returns
+    (f W_dec [batch, d_out], Σ tanh(c·f·n), Σ ReLU(θ − π)·n, fired [d_sae] bool, number of open gates),
+    n = ‖W_dec,i‖. The same values and gradients as the composed autograd graph (`_JumpReLU` + `adaptive_decode` +
+    the two penalty terms), but:
+    - ∂L/∂f is a dot product g[row]·W_dec[col] per entry of S, and the band below θ (closed gates) enters θ's
+      estimator only as per-latent sums W_dec,i · Σ_band g_b: bag sums of g's rows (in bf16 with float32
+      accumulation where `kernels.bf16_ok`: the estimator's noise dwarfs bf16's 2⁻⁹), or one GEMM when the band
+      is wide,
+    - every index list comes latent-major from π's latent-major layout: the per-latent bag sums need no sort (only
+      the forward's decode sorts S's few entries by row),
     - the pre-activation term has π detached (`JumpReLUSAE`): its gradient reaches θ (n·#{b: π < θ}) and the norms
       only, so ∂W_enc is a sum over the (few) open gates: no dense ∂W_enc GEMM,
-    - Σ_b ReLU(θ − π) = B·θ − Σ_b π + Σ_{π ≥ θ}(π − θ), with Σ_b π = (Σ_b x_b) W_enc + B·b_enc a matvec: no
-      elementwise pass over [batch, d_sae] besides the one comparison that found U.
+    - Σ_b ReLU(θ − π) = B·θ − Σ_b π + Σ_{π ≥ θ}(π − θ), with Σ_b π = (Σ_b x_b) W_enc + B·b_enc a matvec.
     """
 
     @staticmethod
-    def forward(ctx, pre, sae_in, W_enc, b_enc, b_dec, theta, W_dec, c, eps, flat_u, wide):
-        n_rows, d_sae = pre.shape
+    def forward(ctx, pre_t, sae_in, W_enc, b_enc, b_dec, theta, W_dec, c, eps, entries, wide):
+        d_sae, n_rows = pre_t.shape
+        e = entries
         norms = torch.linalg.vector_norm(W_dec, dim=-1)  # [d_sae]; 1 while rows are kept at unit norm
-        rows, cols = flat_u // d_sae, flat_u % d_sae
-        z = pre.reshape(-1).index_select(0, flat_u)  # π on U
-        th = theta.index_select(0, cols)
-        s = kernels.flat_nonzero(z >= th)  # S: ReLU(θ − π) = 0 there; ⊇ the open gates (equal only if π = θ)
-        s_rows, s_cols, s_z, s_th = rows[s], cols[s], z[s], th[s]
-        f = s_z * (s_z > s_th)  # JumpReLU output on S
-        dec = kernels.bag_sum(W_dec, s_cols, kernels.row_offsets(s_rows, n_rows), f)
+        s_cols, s_rows = _latent_of(e.s_flat, n_rows), _row_of(e.s_flat, n_rows)
+        s_offsets = _latent_offsets(e.s_flat, n_rows, d_sae)
+        f = e.z * (e.dz > 0)  # JumpReLU output on S
+        by_row = kernels.argsort_keys(s_rows, n_rows)  # stable: each row's latents ascending, as a row-major scan
+        dec = kernels.bag_sum(W_dec, s_cols.index_select(0, by_row),
+                              kernels.row_offsets(s_rows.index_select(0, by_row), n_rows), f.index_select(0, by_row))
         t = torch.tanh(c * norms.index_select(0, s_cols) * f)
         x_sum = sae_in.sum(0)
         pi_sum = x_sum.to(W_enc.dtype) @ W_enc + n_rows * b_enc  # [d_sae] Σ_b π
-        excess = torch.zeros_like(theta).index_add_(0, s_cols, s_z - s_th)
+        excess = torch.zeros_like(theta).index_add_(0, s_cols, e.dz)
         relu_sum = (n_rows * theta - pi_sum + excess).clamp_min_(0)  # [d_sae] Σ_b ReLU(θ − π)
-        n_lt = n_rows - torch.bincount(s_cols, minlength=d_sae).to(theta.dtype)  # [d_sae] #{b: π < θ}
+        s_counts = torch.diff(s_offsets, append=s_offsets.new_full((1,), e.s_flat.numel()))
+        n_lt = n_rows - s_counts.to(theta.dtype)  # [d_sae] #{b: π < θ}
         opened = f > 0  # θ > 0, so open ⇔ f > 0
-        fired = torch.zeros(d_sae, dtype=torch.bool, device=pre.device).index_fill_(0, s_cols[opened], True)
-        ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
-                              n_lt, pre if wide else None)
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=pre_t.device).index_fill_(0, s_cols[opened], True)
+        if wide:
+            closed_rows = closed_offsets = None
+            closed, n_closed = e.closed, None
+        else:  # the band's entries latent-major: each latent's bag of rows, no sort
+            closed_rows = _row_of(e.closed_flat, n_rows)
+            closed_offsets, closed = _latent_offsets(e.closed_flat, n_rows, d_sae), None
+            n_closed = torch.diff(closed_offsets, append=closed_offsets.new_full((1,), e.closed_flat.numel()))
+        ctx.save_for_backward(sae_in, W_enc, theta, W_dec, norms, s_rows, s_cols, s_offsets, e.dz, f, t, relu_sum,
+                              n_lt, n_closed, closed_rows, closed_offsets, closed)
         ctx.c, ctx.eps, ctx.has_b_dec = c, eps, b_dec is not None
         ctx.mark_non_differentiable(fired)
         return dec, t.sum(), (norms * relu_sum).sum(), fired, opened.sum()
 
     @staticmethod
     def backward(ctx, g_dec, g_pen, g_pre, _fired, _n_open):
-        (sae_in, W_enc, theta, W_dec, norms, rows, cols, z, th, s, s_rows, s_cols, f, t, relu_sum,
-         n_lt, pre) = ctx.saved_tensors
-        n_rows, d_sae, c = sae_in.shape[0], theta.shape[0], ctx.c
-        g_dec = g_dec.contiguous()
-        # S's entries in column order (what the ∂W_enc and ∂W_dec bag sums need, and the dot products run faster so)
-        t_s = kernels.transposed(kernels.SparseActs(f, s_rows, s_cols, n_rows), d_sae)
-        s_o = s.index_select(0, t_s.order)  # positions in U
-        cols_o, f_o, t_o = cols.index_select(0, s_o), f.index_select(0, t_s.order), t.index_select(0, t_s.order)
-        band = (z - th).abs_() < ctx.eps / 2
-        # ∂L/∂f on S, one dot product per entry: the reconstruction's g·W_dec,i plus the tanh term's g_pen·c·n·sech²
-        n_o = norms.index_select(0, cols_o)
-        dldf = (kernels.gather_dot_by_column(g_dec, W_dec, t_s.rows, cols_o).to(z.dtype)
-                + (g_pen * c) * n_o * (1 - t_o * t_o))
+        (sae_in, W_enc, theta, W_dec, norms, s_rows, s_cols, s_offsets, dz, f, t, relu_sum, n_lt, n_closed,
+         closed_rows, closed_offsets, closed) = ctx.saved_tensors
+        c = ctx.c
+        g_dec = g_dec.contiguous().to(W_dec.dtype)
+        # ∂L/∂f on S, one dot product per entry (latent-major: W_dec's row stays in cache): the reconstruction's
+        # g·W_dec,i plus the tanh term's g_pen·c·n·sech²
+        n_s = norms.index_select(0, s_cols)
+        dldf = (kernels.gather_dot_by_column(g_dec, W_dec, s_rows, s_cols).to(dz.dtype)
+                + (g_pen * c) * n_s * (1 - t * t))
         # The band below θ (closed gates, f = 0, sech² = 1) only enters θ's estimator as a per-latent sum:
-        # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows grouped by latent (cheaper than a dot per entry), or one
-        # GEMM when the band is wide (U is then S alone)
-        if pre is not None:
-            d = pre - theta
-            # the closed band θ − ε/2 < π < θ as 0/1 floats, written over d (no second [batch, d_sae] buffer)
-            g_band, n_closed = wide_band_sums(torch.logical_and(d < 0, d > -ctx.eps / 2, out=d), g_dec.to(W_dec.dtype))
+        # W_dec,i · Σ_{b in band} g_b, bag sums of g's rows (cheaper than a dot per entry), or one GEMM when wide
+        if closed is not None:  # closed latent-major: its transpose is the GEMM's operand
+            g_band, n_closed = wide_band_sums(closed.t(), g_dec, kernels.bf16_ok(g_dec))
         else:
-            closed = kernels.flat_nonzero(band.clone().index_fill_(0, s, False))
-            c_cols = cols.index_select(0, closed)
-            order = kernels.argsort_keys(c_cols, d_sae)
-            g_band = kernels.bag_sum(g_dec.to(W_dec.dtype), rows.index_select(0, closed).index_select(0, order),
-                                     kernels.row_offsets(c_cols.index_select(0, order), d_sae),
-                                     torch.ones_like(c_cols, dtype=W_dec.dtype))  # [d_sae, d_out]
-            n_closed = torch.bincount(c_cols, minlength=d_sae)
-        band_o = band.index_select(0, s_o)
-        band_sum = (g_band.mul_(W_dec).sum(-1).to(theta.dtype)
-                    + (g_pen * c) * norms * n_closed.to(theta.dtype)).index_add_(0, cols_o[band_o], dldf[band_o])
+            table = g_dec.to(torch.bfloat16) if kernels.bf16_ok(g_dec) else g_dec
+            g_band = kernels.bag_sum(table, closed_rows, closed_offsets, None).to(W_dec.dtype)  # [d_sae, d_out]
+        band_s = dz < ctx.eps / 2  # entries of S inside the band |π − θ| < ε/2
+        band_sum = (kernels.row_dots(g_band, W_dec.detach()).to(theta.dtype)
+                    + (g_pen * c) * norms * n_closed.to(theta.dtype)).index_add_(0, s_cols[band_s], dldf[band_s])
         grad_theta = -(theta / ctx.eps) * band_sum + g_pre * norms * n_lt
-        dldf_open = dldf * (f_o > 0)  # ∂π from the reconstruction and tanh terms lives on the open gates
+        dldf_open = dldf * (f > 0)  # ∂π from the reconstruction and tanh terms lives on the open gates
         # the pre-activation term sees π detached: it reaches θ and the norms only, not W_enc, b_enc, b_dec
-        grad_b_enc = torch.zeros_like(theta).index_add_(0, cols_o, dldf_open)
-        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), t_s.rows, t_s.offsets, dldf_open)  # [d_sae, d_in]
+        grad_b_enc = torch.zeros_like(theta).index_add_(0, s_cols, dldf_open)
+        bag = kernels.bag_sum(sae_in.to(W_enc.dtype), s_rows, s_offsets, dldf_open)  # [d_sae, d_in]
         grad_W_enc = kernels.in_layout(bag, W_enc)
         grad_b_dec = -(grad_b_enc @ W_enc.t()) if ctx.has_b_dec and ctx.needs_input_grad[4] else None
-        grad_W_dec = kernels.bag_sum(g_dec.to(W_dec.dtype), t_s.rows, t_s.offsets, f_o)
-        tanh_sum = torch.zeros_like(norms).index_add_(0, cols_o, (1 - t_o * t_o) * f_o)  # ∂/∂n of Σ tanh(c·f·n), / c
+        grad_W_dec = kernels.bag_sum(g_dec, s_rows, s_offsets, f)
+        tanh_sum = torch.zeros_like(norms).index_add_(0, s_cols, (1 - t * t) * f)  # ∂/∂n of Σ tanh(c·f·n), / c
         grad_norms = (g_pen * c) * tanh_sum + g_pre * relu_sum
         # the norms' share, ∂n/∂W_dec,i = W_dec,i / n_i (0 for a zero row, as autograd's norm), added in one pass
         # instead of autograd's four over [d_sae, d_in] (div, masked fill, mul, then the sum of two gradients)
@@ -292,13 +374,18 @@ class JumpReLUSAE(SAE):
         x = x.to(self.W_enc.dtype)
         y = self._target(x, target)
         cfg = self.cfg
-        pre, sae_in = self._encoder_pass(x)  # [batch, d_sae], [batch, d_in]; no autograd yet
         theta, eps = self.threshold, cfg.jumprelu_bandwidth
-        if cfg.jumprelu_loss == "tanh":
-            entries = fused_entries(pre, theta.detach(), eps)
+        if (cfg.jumprelu_loss == "tanh" and kernels.host_syncs_ok(x) and not torch.is_autocast_enabled("cpu")
+                and self.W_enc.dtype in (torch.float32, torch.float64)):
+            # the fused step's candidate: π latent-major [d_sae, batch] (one GEMM either way), see `_TanhStep`
+            pre_t, sae_in = self._encoder_pass_latent_major(x)
+            entries = latent_major_entries(pre_t, theta.detach(), eps)
             if entries is not None:
-                return self._fused_tanh_loss(x, y, pre, sae_in, theta, eps, *entries, sparsity_scale)
-        pre = self._pre_acts_with_grad(x, (pre, sae_in))
+                return self._fused_tanh_loss(x, y, pre_t, sae_in, theta, eps, entries, sparsity_scale)
+            computed = pre_t.t().contiguous(), sae_in
+        else:
+            computed = self._encoder_pass(x)  # [batch, d_sae], [batch, d_in]; no autograd yet
+        pre = self._pre_acts_with_grad(x, computed)
         f = _JumpReLU.apply(pre, theta, eps)
         x_hat = kernels.adaptive_decode(f, self.W_dec) + self.b_dec
         if cfg.skip:
@@ -317,12 +404,19 @@ class JumpReLUSAE(SAE):
         active = f.detach() > 0
         return TrainOutput(sum(parts.values()), x_hat, active.any(0), active.sum(-1).float().mean(), parts)
 
-    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
-                         flat_u: Tensor, wide: bool, sparsity_scale: float) -> TrainOutput:
+    @torch.no_grad()
+    def _encoder_pass_latent_major(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(π [d_sae, batch] contiguous, i.e. latent-major, sae_in [batch, d_in]) of a training batch, without
+        autograd: `_encoder_pass` with its output transposed in memory (the same GEMM, b_enc added along rows)."""
+        sae_in = self._sae_in(x)
+        return torch.addmm(self.b_enc[:, None], self.W_enc.t(), sae_in.t()), sae_in
+
+    def _fused_tanh_loss(self, x: Tensor, y: Tensor, pre_t: Tensor, sae_in: Tensor, theta: Tensor, eps: float,
+                         entries: LatentMajorEntries, sparsity_scale: float) -> TrainOutput:
         cfg = self.cfg
         b_dec = self.b_dec if cfg.apply_b_dec_to_input else None
-        step = _TanhStep.apply(
-            pre, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec, cfg.jumprelu_tanh_scale, eps, flat_u, wide)
+        step = _TanhStep.apply(pre_t, sae_in, self.W_enc, self.b_enc, b_dec, theta, self.W_dec,
+                               cfg.jumprelu_tanh_scale, eps, entries, entries.wide)
         return fused_tanh_output(self, x, y, step, sparsity_scale)
 
     @torch.no_grad()

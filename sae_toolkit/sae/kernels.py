@@ -14,6 +14,9 @@ their column-sorted view) live in `codes`, re-exported here.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,8 +30,10 @@ from sae_toolkit.sae.codes import (  # noqa: F401  (the public names re-exported
     _transpose_bags,
     argsort_keys,
     batch_topk_code,
+    count_true,
     flat_nonzero,
     host_syncs_ok,
+    max_true_per_row,
     positive_code,
     row_offsets,
     topk_code,
@@ -41,20 +46,61 @@ sums when at most this share of the [batch, d_sae] entries is non-zero: a fresh 
 wins), a trained one on ~1-2 %."""
 
 
+LOW_PRECISION_SUMS = os.environ.get("SAE_TOOLKIT_FP32_SUMS") != "1"
+"""On eager CPU with native bf16 dot products (avx512_bf16 / amx_bf16), run two float32 sums in bf16 with float32
+accumulation: AuxK's dead-block GEMMs (`sparse_*_with_block`; one thread at [1024, 460] × [460, 576]: 2.8-3.0 ms
+against 6.0-6.2, four per step) and the JumpReLU threshold estimator's band sums (450k rows of g: 10.4 ms against
+16.0; a wide band's GEMM 28 against 57). Inputs are rounded to bf16 (relative error ≤ 2⁻⁹ each), sums are float32.
+On the benchmark's steps (d_in 576, 4608 latents, batch 1024) that moves the AuxK loss by 2·10⁻⁵ relative, the dead
+latents' gradients by 6·10⁻⁴ (norm), b_dec's by 8·10⁻⁵ and the live latents' not at all; JumpReLU's θ gradient by
+1.3·10⁻³ (1.7·10⁻³ with a wide band) and nothing else. float64, other devices and autocast are untouched. The
+price: rounding a value that a reduction produced does not commute with splitting the batch, so DDP and one process
+no longer agree to float32 noise on the dead latents (max |ΔW| 7·10⁻³ after 10 Adam steps in
+tests/training/test_distributed.py, 6·10⁻⁸ in float32). False, or SAE_TOOLKIT_FP32_SUMS=1 in the environment:
+float32 throughout."""
+
+
+@functools.cache
+def _cpu_bf16_native() -> bool:
+    """Whether this CPU has native bf16 dot-product instructions (Linux /proc/cpuinfo flags); without them oneDNN
+    emulates bf16 and is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_ok(t: Tensor) -> bool:
+    """Whether float32 tensor t's low-precision sums (`LOW_PRECISION_SUMS`) may run in bf16: eager CPU with native
+    bf16, not under autocast (which picks dtypes itself)."""
+    return (LOW_PRECISION_SUMS and t.dtype == torch.float32 and _eager_cpu(t)
+            and not torch.is_autocast_enabled("cpu") and _cpu_bf16_native())
+
+
+def _block_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for AuxK's dead block, in bf16 with float32 accumulation where `bf16_ok` (float32 result)."""
+    if bf16_ok(a) and b.dtype == torch.float32:
+        return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
+    return a @ b
+
+
 def _sparse_support(t: Tensor) -> SparseActs | None:
     """The non-zero entries of a [batch, d_sae] matrix as a SparseActs, when it is sparse enough for the bag
     kernels to beat a GEMM; None otherwise, and always None off eager CPU (it reads a count on the host)."""
     if not _eager_cpu(t):
         return None
     mask = t != 0
-    if mask.sum().item() > SPARSE_MAX_DENSITY * t.numel():
+    if count_true(mask) > SPARSE_MAX_DENSITY * t.numel():
         return None
     return positive_code(t, mask)
 
 
-def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
-    """out[b] = Σ_{n in bag b} weights[n] · table[idx[n]]  → [n_bags, table.shape[1]]."""
-    return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
+def _bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
+    """out[b] = Σ_{n in bag b} weights[n] · table[idx[n]]  → [n_bags, table.shape[1]] (weights None: all 1)."""
+    return F.embedding_bag(idx, table, offsets, mode="sum",
+                           per_sample_weights=None if weights is None else weights.to(table.dtype))
 
 
 def in_layout(grad_t: Tensor, W: Tensor) -> Tensor:
@@ -136,6 +182,18 @@ def gather_dot_by_column(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Te
     return _gather_dot_chunked(g, W, rows, cols, torch.empty(cols.shape[0], device=g.device, dtype=dtype))
 
 
+def row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """[n] row-wise dot products a[i] · b[i] of two [n, d] matrices of one dtype, without autograd. Eager CPU: the
+    fused gather-dot kernel with the identity as both index lists (0.8 ms at [4608, 576] on one thread against 1.3
+    for `torch.linalg.vecdot` and 1.6 for a product and a sum); elsewhere vecdot."""
+    if _eager_cpu(a) and a.dtype == b.dtype and _fused_gather_dot(a) and a.ndim == 2 and not a.requires_grad \
+            and not b.requires_grad:
+        idx = torch.arange(a.shape[0], device=a.device)
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            a.contiguous(), b.contiguous(), idx, idx.new_zeros(1), idx, 0, -1)
+    return torch.linalg.vecdot(a, b)
+
+
 class _SparseDecode(Function):
     """F W_dec for a sparse F; with `dead` [n_dead] and a dense block f_aux [n_rows, n_dead] on those latents (AuxK's
     compact path) also f_aux W_dec[dead], whose ∂W_dec rows are added into the same gradient (no full-size zero
@@ -151,7 +209,7 @@ class _SparseDecode(Function):
         out = _bag_sum(W_dec, cols, offsets, vals)  # [n_rows, d_in]
         if dead is None:
             return out
-        return out, f_aux.to(W_dec.dtype) @ W_dec.index_select(0, dead)
+        return out, _block_mm(f_aux.to(W_dec.dtype), W_dec.index_select(0, dead))
 
     @staticmethod
     def backward(ctx, g: Tensor, g_aux: Tensor | None = None):
@@ -167,11 +225,11 @@ class _SparseDecode(Function):
             else:
                 grad_vals = _gather_dot(g, W_dec, rows, cols, ctx.k).to(vals.dtype)
         if dead is not None and ctx.needs_input_grad[10]:
-            grad_aux = (g_aux.to(W_dec.dtype) @ W_dec.index_select(0, dead).t()).to(f_aux.dtype)
+            grad_aux = _block_mm(g_aux.to(W_dec.dtype), W_dec.index_select(0, dead).t()).to(f_aux.dtype)
         if ctx.needs_input_grad[3]:
             grad_W = _bag_sum(g.to(W_dec.dtype), rows_t, offsets_t, vals[order])  # Fᵀ g, [d_sae, d_in]
             if dead is not None:
-                grad_W.index_add_(0, dead, f_aux.to(W_dec.dtype).t() @ g_aux.to(W_dec.dtype))
+                grad_W.index_add_(0, dead, _block_mm(f_aux.to(W_dec.dtype).t(), g_aux.to(W_dec.dtype)))
         return grad_vals, None, None, grad_W, None, None, None, None, None, None, grad_aux
 
 
@@ -200,7 +258,7 @@ class _SparsePreActs(Function):
             offsets = torch.arange(n_rows, device=g.device) * ctx.k if ctx.k is not None else _offsets(rows, n_rows)
             grad_in = _bag_sum(W_t, cols, offsets, g)
             if dead is not None:
-                grad_in = grad_in + g_aux @ W_t.index_select(0, dead)
+                grad_in = grad_in + _block_mm(g_aux, W_t.index_select(0, dead))
             grad_in = grad_in.to(sae_in.dtype)
         if any(ctx.needs_input_grad[2:5]):
             if order is None:
@@ -209,7 +267,7 @@ class _SparsePreActs(Function):
         if ctx.needs_input_grad[2]:
             grad_W = _bag_sum(sae_in.to(W_enc.dtype), rows_t, offsets_t, g_t)  # Gᵀ x, [d_sae, d_in]
             if dead is not None:
-                grad_W.index_add_(0, dead, g_aux.t() @ sae_in.to(W_enc.dtype))
+                grad_W.index_add_(0, dead, _block_mm(g_aux.t(), sae_in.to(W_enc.dtype)))
             grad_W = in_layout(grad_W, W_enc)  # [d_in, d_sae]
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # per-latent sums of g as bags over a ones column: deterministic on CUDA, unlike index_add_'s atomics
@@ -327,8 +385,9 @@ def gather_dot(g: Tensor, W: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return _gather_dot(g, W, rows, cols, None)
 
 
-def bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
-    """[n_bags, table.shape[1]]: out[b] = Σ_{n in bag b} weights[n]·table[idx[n]], bag b starting at offsets[b]."""
+def bag_sum(table: Tensor, idx: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
+    """[n_bags, table.shape[1]]: out[b] = Σ_{n in bag b} weights[n]·table[idx[n]], bag b starting at offsets[b]
+    (weights None: plain sums of the rows)."""
     return _bag_sum(table, idx, offsets, weights)
 
 

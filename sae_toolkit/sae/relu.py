@@ -41,7 +41,7 @@ class ReLUSAE(SAE):
         b_dec_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
         if kernels.host_syncs_ok(pre):
             mask = pre > 0
-            if mask.sum().item() <= kernels.SPARSE_MAX_DENSITY * pre.numel():  # a trained SAE: ~1-2 % active
+            if kernels.count_true(mask) <= kernels.SPARSE_MAX_DENSITY * pre.numel():  # a trained SAE: ~1-2 % active
                 return self._sparse_training_loss(x, y, skip, sae_in, pre, mask, b_dec_in, sparsity_scale)
         # dense G here (the density check above chose this path): no second count in the backward
         f = kernels.dense_pre_acts(pre, sae_in, self.W_enc, self.b_enc, b_dec_in, adaptive=False).relu()

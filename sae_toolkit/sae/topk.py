@@ -101,7 +101,8 @@ class TopKSAE(SAE):
           the sparse kernels; fixed shapes, no host sync, no early exit (the loss is multiplied by "any dead").
         - compact (eager CPU): the dead columns gathered into a [batch, n_dead] block and handled with dense
           GEMMs; with k_aux ≈ n_dead/2 (10 % dead) that block is half full, and a GEMM is ~10× cheaper per
-          multiply-add than the sparse gathers — and a batch without dead latents costs nothing.
+          multiply-add than the sparse gathers — and a batch without dead latents costs nothing. In bf16 with
+          float32 accumulation where the CPU has native bf16 (`kernels.LOW_PRECISION_SUMS`).
         """
         zero = x_hat.new_zeros(())
         if dead_mask is None or self.cfg.aux_coefficient == 0:
@@ -141,7 +142,7 @@ class TopKSAE(SAE):
         f = z.relu()
         # a token with at most k_aux positive pre-activations keeps all of them, the rest are ReLU'd to 0 anyway:
         # then the top k_aux (2.7 ms of a CPU step at 460 dead latents) changes nothing; a count read on the host
-        if k_aux == z_pre.shape[1] or (kernels.host_syncs_ok(z_pre) and int((z_pre > 0).sum(-1).max()) <= k_aux):
+        if k_aux == z_pre.shape[1] or (kernels.host_syncs_ok(z_pre) and kernels.max_true_per_row(z_pre > 0) <= k_aux):
             return f
         idx = z_pre.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
         return f * torch.zeros_like(z_pre, dtype=torch.bool).scatter_(-1, idx, True)

@@ -15,7 +15,7 @@ from _sae_helpers import cfg_for
 from _trainer_helpers import toy_superposition, write_acts
 
 from sae_toolkit.activations.stream import StreamConfig
-from sae_toolkit.sae import SAE, make_sae
+from sae_toolkit.sae import SAE, kernels, make_sae
 from sae_toolkit.training.config import TrainConfig
 from sae_toolkit.training.distributed import DistContext, TrainingLoss
 from sae_toolkit.training.sweep import sweep_configs, train_sweep
@@ -69,9 +69,17 @@ sys.exit(main(sys.argv[1:]))
 
 
 def torchrun(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "SAE_TOOLKIT_FP32_SUMS": "1"}  # as `_fp32_sums` below, in the ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_sums(monkeypatch):
+    """DDP against one process in float32 throughout: the bf16 sums (AuxK's dead block, JumpReLU's band) round
+    values that reductions produced, which does not commute with splitting the batch (kernels.LOW_PRECISION_SUMS)."""
+    monkeypatch.setattr(kernels, "LOW_PRECISION_SUMS", False)
 
 
 @pytest.fixture
