@@ -26,8 +26,11 @@ Contenders (k=32, Adam, 10 % of latents marked dead where the arch has AuxK):
   jumprelu_*_band       the same with the threshold estimator's band (θ − ε/2, θ) as wide as in a trained SAE: the
                         encoder scaled so that it holds the share of pre-activations measured on SmolLM2 mlp_out.9
                         SAEs trained with the defaults (tanh recipe, ε = 2): 9.5 % at held-out L0 35, 27 % at L0 112
-  gated_open48          Gated as trained with the defaults on the same data (L0 89): gates open on 48 % of the
-                        (token, latent)s, the magnitudes ReLU(π_mag) positive on 2 %
+  gated_open48          Gated as it trained before `GatedSAE.project_` (710ad7f; same data, L0 89): gates open on
+                        48 % of the (token, latent)s, the magnitudes ReLU(π_mag) positive on 2 %. Since then the
+                        first step's projection opens the magnitude wherever the gate opens, so from the second round
+                        on this contender fires on ~48 % (its ratios are no longer that regime's); a Gated SAE
+                        trained now fires wherever its gate opens, the regime of gated_sparse2
   *_composed            jumprelu_sparse2_band and gated_open48 on the composed autograd graph (the fused CPU step
                         switched off): what those regimes ran on before the fused step covered them
 """
