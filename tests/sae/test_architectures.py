@@ -8,7 +8,7 @@ import torch
 from _sae_helpers import D_IN, D_SAE, K, batch_topk_dense, cfg_for, grads_of, mse, pre_acts_ref, randomized
 
 from sae_toolkit.errors import SAEToolkitError
-from sae_toolkit.sae import ARCHS, SAE, SAEConfig, SAEOutput, TrainOutput, load_sae, make_sae
+from sae_toolkit.sae import ARCHS, SAE, SAEConfig, SAEOutput, TrainOutput, gated, load_sae, make_sae
 from sae_toolkit.sae.base import geometric_median
 
 ALL = [*ARCHS, "relu-april"]
@@ -172,8 +172,8 @@ def test_gated_tanh_loss_is_the_jumprelu_recipe_on_the_gate():
 @pytest.mark.parametrize("gated_loss", ["tanh", "l1"])
 def test_gated_projection_opens_the_magnitude_wherever_the_gate_opens(gated_loss):
     """project_ (after every optimizer step), tanh recipe: where the magnitude's threshold lies above the gate's
-    (τ = b_gate − b_mag·e^{−r} > 0) both move to their midpoint, so τ = 0 and the latent fires exactly where its gate
-    opens; latents with τ ≤ 0 and the "l1" loss are left as they are."""
+    (τ = b_gate − b_mag·e^{−r} > 0) both move to one point ¾ of the way from the gate's, so τ = 0 and the latent
+    fires exactly where its gate opens; latents with τ ≤ 0 and the "l1" loss are left as they are."""
     sae = randomized("gated", seed=5, gated_loss=gated_loss)
     with torch.no_grad():
         sae.b_enc.add_(0.5)  # gates open where the magnitude is still ≤ 0, as unconstrained training drifts
@@ -195,8 +195,10 @@ def test_gated_projection_opens_the_magnitude_wherever_the_gate_opens(gated_loss
     assert moved == {"b_enc", "b_mag"}
     for name in ("b_enc", "b_mag"):  # untouched where τ ≤ 0
         torch.testing.assert_close(getattr(sae, name)[tau <= 0], before[name][tau <= 0], rtol=0, atol=0)
-    # the midpoint on the W_encᵀx̃ scale: the gate's threshold −b_gate rose by τ/2, the magnitude's fell by τ/2
-    torch.testing.assert_close(-sae.b_enc[tau > 0], -before["b_enc"][tau > 0] + tau[tau > 0] / 2)
+    # on the W_encᵀx̃ scale the gate's threshold −b_gate rose by ¾τ, the magnitude's fell by ¼τ
+    share = gated.PROJECT_GATE_SHARE
+    assert share == 0.75
+    torch.testing.assert_close(-sae.b_enc[tau > 0], -before["b_enc"][tau > 0] + share * tau[tau > 0])
     tau_after, shut_after = state()
     assert (tau_after[tau > 0].abs() < 1e-12).all() and not shut_after.any()
 
