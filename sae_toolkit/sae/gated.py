@@ -10,7 +10,7 @@ from torch.autograd import Function
 from sae_toolkit.errors import SAEToolkitError
 from sae_toolkit.sae import kernels
 from sae_toolkit.sae.base import SAE, SAEConfig, TrainOutput
-from sae_toolkit.sae.jumprelu import _Step, fused_entries, fused_tanh_output, start_thresholds, wide_band_sums
+from sae_toolkit.sae.jumprelu import _Step, fused_entries, fused_tanh_output, start_thresholds
 from sae_toolkit.sae.registry import register
 
 PROJECT_GATE_SHARE = 0.75
@@ -23,9 +23,9 @@ class _GatedTanhStep(Function):
     sparse (the Gated counterpart of `jumprelu._TanhStep`).
 
     Forward (no autograd inside), on U = {π > −ε/2} (flat row-major indices `flat_u`; with `wide` U = {π ≥ 0} and the
-    backward takes the band below the gate from `pre` as one GEMM, `jumprelu.wide_band_sums`), less the entries whose
-    magnitude is ≤ 0 (`GatedSAE._fused_entries`; `partial`: open gates among them, so the pre-activation term's
-    per-latent sums are taken over `pre`): f = ReLU(π_mag)·1[π > 0] with π_mag = e^{r_mag}(π − b_gate) + b_mag;
+    backward takes the band below the gate from `pre` as one GEMM), less the entries whose magnitude is ≤ 0
+    (`GatedSAE._fused_entries`; `partial`: open gates among them, so the pre-activation term's per-latent sums are
+    taken over `pre`): f = ReLU(π_mag)·1[π > 0] with π_mag = e^{r_mag}(π − b_gate) + b_mag;
     returns (f W_dec [batch, d_out], Σ tanh(c·f), Σ ReLU(−π), fired [d_sae] bool, number of open gates). The same
     values and gradients as the composed graph in `GatedSAE.training_loss`:
     - ∂L/∂f is one dot product g[row]·W_dec[col] per entry with π ≥ 0; the gate's estimator (∂/∂b_gate =
@@ -82,7 +82,7 @@ class _GatedTanhStep(Function):
         if pre is not None:
             # ReLU(π_mag) = ReLU(e^r·π + b_mag − e^r·b_gate) on the band −ε/2 < π < 0, zero elsewhere
             w = torch.addcmul(b_mag - e_r * b_enc, pre, e_r).relu_().mul_((pre < 0) & (pre > -eps / 2))
-            g_band, _ = wide_band_sums(w, g_dec.to(W_dec.dtype))
+            g_band = w.to(W_dec.dtype).t() @ g_dec.to(W_dec.dtype)  # [d_sae, d_out]: Σ_b ReLU(π_mag)·g_b in one GEMM
             jump_sum = w.mul_(c).tanh_().sum(0)
         else:
             below = kernels.flat_nonzero((z < 0) & (z > -eps / 2))
