@@ -47,7 +47,7 @@ from collections.abc import Callable
 import torch
 
 from sae_toolkit.sae import SAEConfig, jumprelu, make_sae
-from sae_toolkit.training.trainer import train_step
+from sae_toolkit.training.step import make_optimizer, train_step
 
 RATIOS = [  # (numerator, denominator, target) — a target of None is informational
     ("topk_dead10", "sparsify_topk_dead10", 2.0),
@@ -141,8 +141,7 @@ def toolkit_contenders(d_in: int, d_sae: int, device: torch.device, x0: torch.Te
                     sae.b_enc.copy_(_sparsify_b_enc(sae.W_enc, sae.b_dec, x0, gate_open))
                 else:
                     sae.b_enc.copy_(b)
-        # the optimizer the trainer builds (fused Adam on CPU and CUDA)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
+        opt = make_optimizer(sae, 1e-5, device=device)  # the trainer's (fused Adam on CPU and CUDA)
         dead = _dead_mask(d_sae, dead_frac, device)
         # `train --compile`: the loss + backward as one graph (compiled during the warm-up steps)
         loss_fn = (torch.compile(sae.training_loss, fullgraph=True, dynamic=False, backend=backend)

@@ -43,6 +43,44 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, *, lr: flo
     return out
 
 
+class Adam(torch.optim.Adam):
+    """torch's Adam, which hands a parameter stored transposed (W_enc: [d_in, d_sae] latent-major) to the update
+    kernel as its contiguous transpose, with its gradient and moments alike. Adam is elementwise, so the update is
+    the same; the fused CPU kernel would otherwise copy such a parameter, its gradient and both moments into
+    contiguous buffers and back every step (2.5 ms of a 55 ms TopK step at 576 × 4608), and every device's kernel
+    gets contiguous memory.
+
+    A moment whose layout differs from its parameter's (one built or loaded by other code) is first copied into the
+    parameter's layout: the fused kernels walk a parameter, its gradient and its moments as flat memory, so a moment
+    in another layout would silently update the wrong elements."""
+
+    _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        for p in group["params"]:  # before torch gathers the lists: a re-laid moment must be the one it steps
+            state = self.state.get(p, {})
+            for key in self._MOMENTS:
+                v = state.get(key)
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        out = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                  state_steps)
+        lists = [params_with_grad, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if group["amsgrad"] else [])
+        for i, p in enumerate(params_with_grad):
+            if (p.ndim == 2 and not p.is_contiguous() and p.t().is_contiguous()
+                    and all(lst[i].stride() == p.stride() for lst in lists)):
+                for lst in lists:
+                    lst[i] = lst[i].t()
+        return out
+
+
+def make_optimizer(sae: SAE, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), steered: bool = False,
+                   device: torch.device | str | None = None) -> torch.optim.Optimizer:
+    """The trainer's optimizer: `Adam` over `param_groups`, fused on CPU and CUDA (CPU: 3.3× the foreach one)."""
+    device = torch.device(device) if device is not None else sae.W_enc.device
+    return Adam(param_groups(sae, steered=steered), lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+
+
 def param_groups(sae: SAE, steered: bool = False) -> list[dict[str, Any]]:
     """Adam parameter groups: one, plus, when λ is steered to a target L0, one per parameter the SAE asks to
     learn faster then (`sae.steering_lr_scales`: the JumpReLU thresholds); a group's lr is the schedule's times

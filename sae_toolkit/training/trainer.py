@@ -47,7 +47,7 @@ from sae_toolkit.training.schedules import (
     sparsity_scale_at,
 )
 from sae_toolkit.training.sparsity import L0Controller, controller_gain
-from sae_toolkit.training.step import param_groups, train_step
+from sae_toolkit.training.step import make_optimizer, train_step
 from sae_toolkit.units import resolve_device
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "train_step"]
@@ -112,9 +112,8 @@ class Trainer:
         # every batch has the same shape
         self._loss_fn = (torch.compile(self.sae.training_loss, fullgraph=True, dynamic=False,
                                        backend=COMPILE_BACKEND) if cfg.compile else None)
-        self.opt = torch.optim.Adam(param_groups(self.sae, steered=cfg.target_l0 is not None), lr=self.lr,
-                                    betas=cfg.adam_betas,
-                                    fused=self.device.type in ("cuda", "cpu"))  # CPU: 3.3x foreach
+        self.opt = make_optimizer(self.sae, self.lr, betas=cfg.adam_betas, steered=cfg.target_l0 is not None,
+                                  device=self.device)
         self.step = 0
         self.l0_controller = (L0Controller(cfg.target_l0, gain=controller_gain(self.total_steps), device=self.device)
                               if cfg.target_l0 is not None else None)

@@ -336,7 +336,7 @@ def test_w_enc_gradient_arrives_in_its_layout(arch):
     and write it transposed themselves), so autograd's accumulation takes it without another copy."""
     kw = {"skip": True, "d_out": D_IN + 3, "target": "mlp_out.1"} if arch == "transcoder" else {}
     sae = make_sae(cfg_for("topk" if arch == "transcoder" else arch, **kw))
-    assert sae.W_enc.is_contiguous()
+    assert sae.W_enc.t().is_contiguous()  # latent-major, as nn.Linear's weight
     x = torch.randn(16, D_IN, dtype=torch.float64)
     y = torch.randn(16, D_IN + 3, dtype=torch.float64) if kw else None
     sae.training_loss(x, **({"target": y} if kw else {})).loss.backward()

@@ -180,7 +180,7 @@ def test_cli_quality_flags(toy, tmp_path):
 
 def test_steered_jumprelu_thresholds_learn_ten_times_faster():
     from sae_toolkit.sae import SAEConfig, make_sae
-    from sae_toolkit.training.trainer import param_groups, train_step
+    from sae_toolkit.training.step import param_groups, train_step
 
     torch.manual_seed(0)
     sae = make_sae(SAEConfig(arch="jumprelu", d_in=8, d_sae=16))
