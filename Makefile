@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU torch from the local wheel cache unless a GPU is present (unpinned torch pulls a large CUDA build).
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.1" || echo "torch==2.13.0")
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,5 +34,18 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 
+# Issue 12's CPU targets in one command. The peers (EleutherAI sparsify, SAELens) live in their own venv, never in
+# the project's dependencies; the versions are those benchmarks/RESULTS.md measured.
+PEERS := .venv-peers
+$(PEERS)/.installed: pyproject.toml
+	$(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q -q --upgrade pip
+	$(PEERS)/bin/pip install -q -q "$(TORCH_SPEC)"
+	$(PEERS)/bin/pip install -q -q -e . "eai-sparsify==1.3.3" "sae-lens==6.54.12"
+	touch $(PEERS)/.installed
+
+bench-cpu: $(PEERS)/.installed
+	$(PEERS)/bin/python benchmarks/cpu_targets.py
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(PEERS) demo_out .pytest_cache

@@ -256,4 +256,6 @@ class ModelStream:
         self._rows, self._current = None, None
 
     def close(self) -> None:
+        if self._rows is not None:
+            self._rows.close()  # closes the tokenizer's prefetch generator now, which joins its thread
         self._rows, self._current = None, None
