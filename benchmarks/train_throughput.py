@@ -49,7 +49,10 @@ import torch
 from sae_toolkit.sae import SAEConfig, jumprelu, make_sae
 from sae_toolkit.training.step import make_optimizer, train_step
 
-RATIOS = [  # (numerator, denominator, target) — a target of None is informational
+# (numerator, denominator, target) — a target of None is informational. "Within 1.2× of our TopK" compares archs at
+# the same sparsity: JumpReLU at TopK's L0 (jumprelu_l0k*). At ~3× TopK's L0 (jumprelu_sparse2*: 2 % of the
+# (token, latent)s) the step does 3× TopK's sparse work by definition; those ratios are printed for context.
+RATIOS = [
     ("topk_dead10", "sparsify_topk_dead10", 2.0),
     ("topk_nodead", "sparsify_topk_nodead", 1.5),
     ("topk_dead10", "matmul_floor", 0.4),
@@ -59,10 +62,10 @@ RATIOS = [  # (numerator, denominator, target) — a target of None is informati
     ("relu_fresh", "saelens_relu_fresh", 1.0),
     ("relu_sparse2", "saelens_relu_sparse2", 1.5),
     ("batchtopk_dead10", "topk_dead10", 1 / 1.2),
-    ("jumprelu_sparse2", "topk_nodead", 1 / 1.2),
+    ("jumprelu_sparse2", "topk_nodead", None),
     ("jumprelu_l0k", "topk_nodead", 1 / 1.2),
     ("jumprelu_l0k_band", "topk_nodead", 1 / 1.2),
-    ("jumprelu_sparse2_band", "topk_nodead", 1 / 1.2),
+    ("jumprelu_sparse2_band", "topk_nodead", None),
     ("gated_open48", "topk_nodead", None),
     ("jumprelu_sparse2_band", "jumprelu_sparse2_band_composed", None),
     ("gated_open48", "gated_open48_composed", None),
