@@ -13,11 +13,13 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export TQDM_DISABLE=1
-PY=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
+# the GPU machine's own python; a dry run on a development machine takes the project's venv when it has one
+PY=${PYTHON:-python}
+[ -z "${PYTHON:-}" ] && [ $DRY = 1 ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 start=$(date +%s)
 say() { echo "== $* ($(( $(date +%s) - start )) s)"; }
 # run NAME TIMEOUT CMD...: stdout (JSON lines) to $OUT/NAME.jsonl, stderr to $OUT/NAME.log; never stops the script
