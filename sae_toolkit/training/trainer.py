@@ -216,7 +216,12 @@ class Trainer:
             raise SAEToolkitError(f"cannot resume {self.run_dir} with other settings ({'; '.join(changed)}); pass "
                                   "the original arguments or start a new --out")
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        scales = [g["lr_scale"] for g in self.opt.param_groups]
         optimizer_from_flat(self.opt, tensors, state["optimizer"])
+        # the groups' lr factors are this code's, not the checkpoint's: they are not settings of the run (a steered
+        # Gated run saved before b_gate's factor went from 10 to 3 would otherwise keep the 10)
+        for group, scale in zip(self.opt.param_groups, scales, strict=True):
+            group["lr_scale"] = scale
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         if self.l0_controller is not None:
             self.l0_controller.load_state_tensors_(tensors)

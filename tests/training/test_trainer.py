@@ -184,6 +184,28 @@ def test_resuming_a_gated_run_from_before_gated_loss_keeps_its_l1_loss(small, tm
     assert read_metrics(run)[-1]["step"] == 40 and "loss_aux" in read_metrics(run)[-1]
 
 
+def test_resumed_steered_run_takes_this_codes_lr_factors(small, tmp_path):
+    """The optimizer groups' lr factors (b_gate learns 3× faster under --target-l0) come from the code, not the
+    checkpoint: a run saved while the factor was 10 resumes at 3."""
+    from sae_toolkit.training.checkpoint import STATE_NAME
+
+    run = tmp_path / "run"
+    cfg = _cfg(small, run, arch="gated", target_l0=4.0)
+    train_sae(cfg)
+    state_file = list_checkpoints(run)[-1] / STATE_NAME
+    state = json.loads(state_file.read_text())
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 3.0]
+    groups[1]["lr_scale"] = 10.0  # as the code before 9554ca0 saved it
+    state_file.write_text(json.dumps(state))
+    trainer = Trainer(dataclasses.replace(cfg, resume=True))
+    try:
+        assert [g["lr_scale"] for g in trainer.opt.param_groups] == [1.0, 3.0]
+        assert trainer.step == 40
+    finally:
+        trainer.store.close()
+
+
 # ---- bad input ----
 
 def test_bad_inputs_are_clear_errors(small, tmp_path):
