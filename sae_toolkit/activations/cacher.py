@@ -340,14 +340,10 @@ def _prefetch(items: Iterator[np.ndarray], depth: int = 8) -> Iterator[np.ndarra
     stop = threading.Event()
     end = object()
 
+    from sae_toolkit.activations.prefetch import put_unless_stopped  # imports torch: lazily, as this module does
+
     def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(buffer, item, stop)
 
     def produce() -> None:
         try:

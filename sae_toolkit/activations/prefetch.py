@@ -66,6 +66,19 @@ _POOL_REFS = 3
 getrefcount's own argument."""
 
 
+def put_unless_stopped(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put `item` on the bounded queue `q` from a producer thread, waiting while it is full, unless `stop` is set
+    first (checked every 0.1 s): True once put, False when stopped. A consumer that went away never leaves its
+    producer blocked."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class _Stopped(Exception):
     """The consumer stopped the stream while the host path waited for a buffer."""
 
@@ -134,13 +147,7 @@ class Prefetcher:
         consumer's step runs on the GPU, and the gathers keep the default threads, as before."""
 
         def put(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return put_unless_stopped(out, item, stop)
 
         try:
             if ops is None:
