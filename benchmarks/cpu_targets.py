@@ -38,7 +38,7 @@ def run(script: str, *args: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the training-step benchmark")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the training-step benchmark")
     p.add_argument("--quick", action="store_true", help="tiny shapes: only checks that it runs")
     args = p.parse_args()
     quick = ["--quick"] if args.quick else []
