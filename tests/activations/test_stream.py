@@ -97,26 +97,30 @@ def test_the_first_buffer_runs_once(monkeypatch) -> None:
     assert len(calls) == 2
 
 
-def _tokenizer_threads() -> list:
+def _tokenizer_threads() -> set:
+    """The live tokenizer prefetch threads (a stream another test dropped inside a reference cycle may still hold
+    one until the garbage collector runs: the tests below look at the threads they started)."""
     import threading
 
-    return [t for t in threading.enumerate() if t.name == "sae-cache-tokenizer" and t.is_alive()]
+    return {t for t in threading.enumerate() if t.name == "sae-cache-tokenizer" and t.is_alive()}
 
 
 def test_close_joins_the_tokenizer_thread_mid_corpus(monkeypatch) -> None:
     """A stream closed mid-corpus leaves no tokenizer thread running: a daemon thread still inside native code at
     interpreter exit is ended by pthread_exit, which aborted a torchrun rank now and then."""
     monkeypatch.setattr("sae_toolkit.model.corpus._DOCS_PER_BATCH", 1)  # many small blocks: the queue fills up
-    assert not _tokenizer_threads()
+    before = _tokenizer_threads()
     stream = ModelStream(stream_cfg(), batch_size=62, normalize=False)
     stream.next_batches()
-    assert _tokenizer_threads()  # still tokenizing ahead, blocked on its full queue
+    assert _tokenizer_threads() - before  # still tokenizing ahead, blocked on its full queue
     stream.close()
-    assert not _tokenizer_threads()
+    assert not _tokenizer_threads() - before
 
 
 def test_prefetch_joins_its_thread_when_the_consumer_stops_or_fails() -> None:
     from sae_toolkit.activations.cacher import _prefetch
+
+    before = _tokenizer_threads()
 
     def endless():
         i = 0
@@ -125,9 +129,9 @@ def test_prefetch_joins_its_thread_when_the_consumer_stops_or_fails() -> None:
             yield i
 
     it = _prefetch(endless(), depth=2)
-    assert next(it) == 1 and _tokenizer_threads()
+    assert next(it) == 1 and _tokenizer_threads() - before
     it.close()
-    assert not _tokenizer_threads()
+    assert not _tokenizer_threads() - before
 
     def failing():
         yield 1
@@ -137,4 +141,4 @@ def test_prefetch_joins_its_thread_when_the_consumer_stops_or_fails() -> None:
     assert next(it) == 1
     with pytest.raises(ValueError, match="bad document"):
         next(it)
-    assert not _tokenizer_threads()
+    assert not _tokenizer_threads() - before
