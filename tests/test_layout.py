@@ -8,7 +8,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "sae_toolkit"
 STAGES = ["model", "activations", "sae", "training", "analysis", "baselines"]
-TOP_LEVEL = {"__init__", "__main__", "cli", "demo", "errors", "files", "units"}
+TOP_LEVEL = {"__init__", "__main__", "cli", "demo", "errors", "files", "units", "process_group"}
 
 
 def module_names() -> dict[str, Path]:

@@ -363,8 +363,7 @@ def _prefetch(items: Iterator[np.ndarray], depth: int = 8) -> Iterator[np.ndarra
             yield item
     finally:
         # joined, not left to run: a daemon thread still inside the tokenizer or torch when the interpreter exits
-        # is ended by pthread_exit, whose forced unwind through native frames aborts the process now and then
-        # ("terminate called without an active exception", seen once in a torchrun test's rank at exit). It stops
+        # is ended by pthread_exit, whose forced unwind through native frames can abort the process. It stops
         # within one item plus 0.1 s.
         stop.set()
         thread.join(timeout=30)  # a corpus read stuck on the network is not waited for longer

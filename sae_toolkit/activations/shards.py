@@ -60,7 +60,9 @@ def cache_distributed(cfg: CacheConfig) -> Path:
     # Gloo only carries barriers here (no tensors), so no GPU collectives are needed; a long timeout because a
     # rank that finishes its shard early waits at the barrier for the slowest one.
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(hours=48))
+        from sae_toolkit.process_group import init_process_group
+
+        init_process_group("gloo", timeout=timedelta(hours=48))
     try:
         dist.barrier()  # every rank has checked OUT before anything is written
         cache_activations(dataclasses.replace(cfg, out=str(shard), tokens=(stop - start) * cfg.context_size,

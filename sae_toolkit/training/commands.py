@@ -85,8 +85,8 @@ def _train_many(args: argparse.Namespace, base) -> bool:
     ctx = init_distributed(args.device)
     try:
         root = train_sweep(configs, stream=stream, ctx=ctx, distribute_modules=args.distribute_modules)
-        # every rank is done with its collectives before any rank tears the group down: a rank that destroyed it
-        # while another was still in its last all-reduce aborted now and then (gloo, 2 processes on CPU)
+        # every rank is done with its collectives before any rank tears the group down (the ranks' aborts at exit
+        # once blamed on this race came from a pinned group: see sae_toolkit/process_group.py)
         ctx.barrier()
     finally:
         if ctx.active:

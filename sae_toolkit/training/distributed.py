@@ -153,7 +153,9 @@ def init_distributed(device: str = "auto") -> DistContext:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        from sae_toolkit.process_group import init_process_group
+
+        init_process_group("nccl" if cuda else "gloo")
     if rank != 0:
         os.environ.setdefault("TQDM_DISABLE", "1")  # one progress bar per job, rank 0's
     return DistContext(rank=rank, world_size=world, local_rank=local)

@@ -163,7 +163,7 @@ def _fit(members: list[DistributedTrainer | None], shared: SharedBatches, ctx: D
     if len(positions) != 1:
         raise SAEToolkitError("sweep members are at different steps; resume each from the same checkpoint step")
     (total, step), = positions
-    for t in trainers:
+    for t in trainers if owner or ctx.is_main else ():  # each rank names the SAEs it owns; else rank 0 names all
         print(f"training {t.cfg.arch} SAE d_in={t.d_in} d_sae={t.d_sae} on {t.cfg.hookpoint} → {t.run_dir}"
               + (f" (rank {ctx.rank})" if owner else ""))
     if ctx.is_main:

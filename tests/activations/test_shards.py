@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from _cache_helpers import one_thread  # noqa: F401  (fixture)
+from _torchrun_helpers import assert_process_group_ended, torchrun_env
 
 from sae_toolkit.activations.cacher import cache_activations
 from sae_toolkit.activations.config import CacheConfig
@@ -18,8 +18,6 @@ from sae_toolkit.activations.info import describe
 from sae_toolkit.activations.shards import join_shards, refuse_joined, shard_path, shard_windows
 from sae_toolkit.activations.store import ActivationStore
 from sae_toolkit.errors import SAEToolkitError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +76,7 @@ def test_torchrun_cache_resumes_a_killed_shard_and_equals_one_process(tmp_path: 
     shards = cache_shards(tmp_path / "acts.h5", 2)
     with h5py.File(shards[1], "r+") as f:  # rank 1's shard as a kill leaves it: 4 of its 12 windows committed
         f.attrs["n_seqs"] = 4
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = torchrun_env(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sae_toolkit",
            "cache", "--model", "tiny-llama", "--hookpoint", "mlp_out.1", "--hookpoint", "resid_post.0",
            "--dataset", "builtin:pydoc", "--tokens", str(23 * 32), "--context-size", "32", "--batch-size", "5",
@@ -87,6 +85,7 @@ def test_torchrun_cache_resumes_a_killed_shard_and_equals_one_process(tmp_path: 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resuming" in run.stdout and "after 4 of 12 sequences" in run.stdout
     assert "wrote activations to acts.h5" in run.stdout
+    assert_process_group_ended(tmp_path)  # the cacher loaded the model after joining the group
     assert_same(contents(tmp_path / "acts.h5"), one_process)
     with pytest.raises(SAEToolkitError, match="joins 2 rank shards; resume it under torchrun"):
         refuse_joined(config(tmp_path / "acts.h5", resume=True))

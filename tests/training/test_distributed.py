@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _sae_helpers import cfg_for
+from _torchrun_helpers import assert_process_group_ended, torchrun_env
 from _trainer_helpers import toy_superposition, write_acts
 
 from sae_toolkit.activations.stream import StreamConfig
@@ -19,8 +19,6 @@ from sae_toolkit.sae import SAE, kernels, make_sae
 from sae_toolkit.training.config import TrainConfig
 from sae_toolkit.training.distributed import DistContext, TrainingLoss
 from sae_toolkit.training.sweep import sweep_configs, train_sweep
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Kills rank 1 at step 7 (after the step-6 checkpoint; checkpoints every 3 steps), as a crashed GPU would.
 # Each rank also records, at its first step, what its step runs through (ddp.<rank>.json).
@@ -69,8 +67,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def torchrun(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "SAE_TOOLKIT_FP32_SUMS": "1"}  # as `_fp32_sums` below, in the ranks
+    env = torchrun_env(cwd, SAE_TOOLKIT_FP32_SUMS="1")  # as `_fp32_sums` below, in the ranks
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -103,6 +100,7 @@ def test_killed_rank_resumes_to_the_one_process_sae(tmp_path: Path, toy_acts: Pa
     resumed = torchrun(["-m", "sae_toolkit", "train", str(toy_acts), *common, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "from step 6" in resumed.stdout
+    assert_process_group_ended(tmp_path)  # the DDP-wrapped run (no model loaded) leaves nothing running either
 
     # One process holding both ranks' data parts sees the same global batches.
     cfg = TrainConfig(acts=str(toy_acts), hookpoint="hp", arch="topk", k=4, expansion=4, batch_size=256,
@@ -143,6 +141,7 @@ def test_clipping_applies_to_the_averaged_gradient(tmp_path: Path, toy_acts: Pat
     (tmp_path / "digest.py").write_text(DIGEST_LAUNCHER)
     run = torchrun(["digest.py", "train", str(toy_acts), *args, "--out", str(tmp_path / "ddp")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert_process_group_ended(tmp_path)
     ranks = [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == 4 * 4 and ranks[0] == ranks[1]  # W_enc, b_enc, W_dec, b_dec; Adam step, exp_avg(_sq)
     cfg = TrainConfig(acts=str(toy_acts), hookpoint="hp", arch="relu", decoder_norm_penalty=True, expansion=4,
@@ -169,6 +168,10 @@ def test_torchrun_from_the_model_equals_one_process_with_both_parts(tmp_path: Pa
                     "--out", str(tmp_path / "ddp")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "shuffle buffer 1,024 tokens" in run.stdout
+    # Loading the model imports torch.distributed.nn, which pinned the group past destroy_process_group: a rank
+    # then aborted at exit about once in a dozen runs. Now its threads are gone before exit.
+    assert_process_group_ended(tmp_path)
+    assert run.stdout.count("training topk SAE") == 2  # rank 0 names both SAEs, rank 1 is quiet
 
     stream = StreamConfig("tiny-llama", "builtin:pydoc", ["mlp_out.1", "resid_post.0"], context_size=32,
                           buffer_tokens=1000)
@@ -194,6 +197,8 @@ def test_distribute_modules_puts_each_hookpoint_on_its_own_rank(tmp_path: Path) 
                     "--distribute-modules", "--out", str(tmp_path / "ddp")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on b → " in run.stdout and "(rank 1)" in run.stdout
+    assert "on a → " in run.stdout and "(rank 0)" in run.stdout  # each rank names the SAE it owns
+    assert_process_group_ended(tmp_path)
 
     base = TrainConfig(acts=str(acts), hookpoint="a", arch="topk", k=4, expansion=4, batch_size=256,
                        tokens=8 * 256, device="cpu", out=str(tmp_path / "one"))
