@@ -253,7 +253,7 @@ class ModelStream:
                                       "hookpoints and number of processes")
         self.rows_done = int(state["rows_done"])
         self.scale = {name: float(v) for name, v in state["scale"].items()}
-        self._rows, self._current = None, None
+        self.close()  # the groups from the old position end now (their tokenizer thread joined); new ones on demand
 
     def close(self) -> None:
         if self._rows is not None:

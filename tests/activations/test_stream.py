@@ -107,7 +107,7 @@ def _tokenizer_threads() -> set:
 
 def test_close_joins_the_tokenizer_thread_mid_corpus(monkeypatch) -> None:
     """A stream closed mid-corpus leaves no tokenizer thread running: a daemon thread still inside native code at
-    interpreter exit is ended by pthread_exit, which aborted a torchrun rank now and then."""
+    interpreter exit is ended by pthread_exit, which can abort the process."""
     monkeypatch.setattr("sae_toolkit.model.corpus._DOCS_PER_BATCH", 1)  # many small blocks: the queue fills up
     before = _tokenizer_threads()
     stream = ModelStream(stream_cfg(), batch_size=62, normalize=False)
@@ -115,6 +115,20 @@ def test_close_joins_the_tokenizer_thread_mid_corpus(monkeypatch) -> None:
     assert _tokenizer_threads() - before  # still tokenizing ahead, blocked on its full queue
     stream.close()
     assert not _tokenizer_threads() - before
+
+
+def test_resuming_a_stream_ends_the_old_positions_tokenizer_thread(monkeypatch) -> None:
+    monkeypatch.setattr("sae_toolkit.model.corpus._DOCS_PER_BATCH", 1)
+    before = _tokenizer_threads()
+    stream = ModelStream(stream_cfg(), batch_size=62, normalize=False)
+    stream.next_batches()
+    old = _tokenizer_threads() - before
+    assert old
+    stream.load_state_dict({**stream.state_dict(), "rows_done": 124})
+    assert not old & _tokenizer_threads()  # joined, not left behind
+    stream.next_batches()  # and the stream goes on from the new position, with a thread of its own
+    assert _tokenizer_threads() - before - old
+    stream.close()
 
 
 def test_prefetch_joins_its_thread_when_the_consumer_stops_or_fails() -> None:
